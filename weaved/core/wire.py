@@ -1,0 +1,414 @@
+"""Control-plane wire format: a msgpack envelope around one typed message.
+
+Theory of operation
+-------------------
+Every control datagram on UDP 6783 is one msgpack array::
+
+    [MAGIC, protocol_version, msg_type, sender_name(6 bytes), sender_uid, body]
+
+``body`` is a positional array whose shape depends on ``msg_type``. Message type numbers are part of
+the protocol: the enum is append-only (never renumber, never reuse). ``HELLO`` and ``REJECT`` keep
+their shape in every protocol version, so a peer can always tell another why it will not talk.
+
+:func:`decode` raises :class:`DecodeError` and nothing else, whatever the bytes: a malformed datagram
+must cost the receiver one counter increment, never a crash. Sizes are bounded before and during
+unpacking (msgpack's own limits), so a small datagram cannot make us allocate a large one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from weaved.core.entries import ConnectionEntry, PeerEntry
+from weaved.core.types import (
+    UID_MAX,
+    Endpoint,
+    PeerName,
+    PeerUID,
+    ShortID,
+    peer_name_from_bytes,
+    peer_name_to_bytes,
+)
+
+MAGIC = "wv"
+PROTOCOL_MIN = 1
+PROTOCOL_MAX = 1
+
+MAX_DATAGRAM = 65_000
+"""Hard cap on one control datagram (below the 65,507-byte UDP/IPv4 payload limit)."""
+
+GOSSIP_CHUNK_TARGET = 1_200
+"""Gossip is packed into datagrams of about this size so that it does not fragment on a 1500 MTU
+underlay; a single entry larger than this still goes, alone, up to :data:`MAX_DATAGRAM`."""
+
+MAX_NICKNAME = 64
+MAX_REASON = 256
+MAX_CHANNEL = 32
+MAX_ITEMS = 8_192
+MAX_OVERLAYS = 8
+MAX_TTL = 64
+
+
+class MsgType(IntEnum):
+    """WARNING: append only. The numbers are part of the protocol."""
+
+    HELLO = 1
+    HELLO_ACK = 2
+    REJECT = 3
+    HEARTBEAT = 4
+    GOODBYE = 5
+    GOSSIP_UPDATE = 6
+    GOSSIP_SUMMARY = 7
+    GOSSIP_DIGEST = 8
+    GOSSIP_REQUEST = 9
+    RELAY = 10
+
+
+class DecodeError(Exception):
+    """The one error :func:`decode` raises; ``reason`` is a short stable label used in metrics."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# --- message bodies -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Handshake opener: our supported version range and identity beyond name and UID."""
+
+    version_min: int
+    version_max: int
+    nickname: str
+    short_id: ShortID
+    overlays: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HelloAck:
+    """Handshake answer: the version chosen and the acceptor's identity."""
+
+    version: int
+    nickname: str
+    short_id: ShortID
+    overlays: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refusal with a stable code (``version``, ``collision``, ``duplicate``, ``limit``) and text."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Keeps an established connection alive; also confirms a pending inbound handshake."""
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """The sender is leaving on purpose: drop the connection now instead of waiting for a timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class GossipUpdate:
+    """Topology entries that are news to the sender (a delta, or an answer to a request)."""
+
+    entries: tuple[PeerEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSummary:
+    """Anti-entropy probe: a hash over every (name, version, uid) the sender knows."""
+
+    digest_hash: bytes
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DigestItem:
+    name: PeerName
+    version: int
+    uid: PeerUID
+
+
+@dataclass(frozen=True, slots=True)
+class GossipDigest:
+    """Anti-entropy answer: (a chunk of) what the sender knows, without the connection lists."""
+
+    items: tuple[DigestItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GossipRequest:
+    """Names whose entries the sender lacks or holds an older version of."""
+
+    names: tuple[PeerName, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """An application payload routed hop by hop over the mesh (``dst`` None means broadcast)."""
+
+    src: PeerName
+    dst: PeerName | None
+    channel: str
+    ttl: int
+    payload: bytes
+
+
+Body = (
+    Hello | HelloAck | Reject | Heartbeat | Goodbye | GossipUpdate | GossipSummary | GossipDigest
+    | GossipRequest | Relay
+)
+
+_TYPE_OF: dict[type, MsgType] = {
+    Hello: MsgType.HELLO,
+    HelloAck: MsgType.HELLO_ACK,
+    Reject: MsgType.REJECT,
+    Heartbeat: MsgType.HEARTBEAT,
+    Goodbye: MsgType.GOODBYE,
+    GossipUpdate: MsgType.GOSSIP_UPDATE,
+    GossipSummary: MsgType.GOSSIP_SUMMARY,
+    GossipDigest: MsgType.GOSSIP_DIGEST,
+    GossipRequest: MsgType.GOSSIP_REQUEST,
+    Relay: MsgType.RELAY,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded datagram: who sent it (name and incarnation), in which protocol version, and what."""
+
+    version: int
+    sender: PeerName
+    sender_uid: PeerUID
+    body: Body
+
+    @property
+    def msg_type(self) -> MsgType:
+        return _TYPE_OF[type(self.body)]
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def _addr_raw(address: Endpoint) -> bytes:
+    return ipaddress.ip_address(address.host).packed
+
+
+def _entry_raw(entry: PeerEntry) -> list[Any]:
+    return [
+        peer_name_to_bytes(entry.name),
+        entry.nickname,
+        entry.uid,
+        entry.version,
+        entry.short_id,
+        [
+            [
+                peer_name_to_bytes(c.remote),
+                _addr_raw(c.address),
+                c.address.port,
+                (1 if c.outbound else 0) | (2 if c.established else 0),
+            ]
+            for c in entry.connections
+        ],
+    ]
+
+
+def _body_raw(body: Body) -> list[Any]:
+    match body:
+        case Hello():
+            return [body.version_min, body.version_max, body.nickname, body.short_id, list(body.overlays)]
+        case HelloAck():
+            return [body.version, body.nickname, body.short_id, list(body.overlays)]
+        case Reject():
+            return [body.code, body.reason]
+        case Heartbeat() | Goodbye():
+            return []
+        case GossipUpdate():
+            return [_entry_raw(e) for e in body.entries]
+        case GossipSummary():
+            return [body.digest_hash, body.count]
+        case GossipDigest():
+            return [[peer_name_to_bytes(i.name), i.version, i.uid] for i in body.items]
+        case GossipRequest():
+            return [peer_name_to_bytes(n) for n in body.names]
+        case Relay():
+            dst = peer_name_to_bytes(body.dst) if body.dst is not None else None
+            return [peer_name_to_bytes(body.src), dst, body.channel, body.ttl, body.payload]
+    raise TypeError(f"not a message body: {body!r}")  # pragma: no cover - exhaustive match
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message. Encoding our own message never fails for well-formed values."""
+    return msgpack.packb(
+        [
+            MAGIC,
+            message.version,
+            int(message.msg_type),
+            peer_name_to_bytes(message.sender),
+            message.sender_uid,
+            _body_raw(message.body),
+        ],
+        use_bin_type=True,
+    )
+
+
+def encoded_entry_size(entry: PeerEntry) -> int:
+    """Bytes an entry adds to a GOSSIP_UPDATE; used to pack chunks without re-encoding them."""
+    return len(msgpack.packb(_entry_raw(entry), use_bin_type=True))
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def _need(cond: bool, reason: str, detail: str = "") -> None:
+    if not cond:
+        raise DecodeError(reason, detail)
+
+
+def _int(value: Any, lo: int, hi: int, what: str) -> int:
+    _need(type(value) is int and lo <= value <= hi, "bad-field", what)
+    return int(value)
+
+
+def _str(value: Any, max_len: int, what: str) -> str:
+    _need(isinstance(value, str) and len(value) <= max_len, "bad-field", what)
+    return str(value)
+
+
+def _bytes(value: Any, length: int | None, what: str) -> bytes:
+    _need(isinstance(value, bytes), "bad-field", what)
+    _need(length is None or len(value) == length, "bad-field", what)
+    return bytes(value)
+
+
+def _list(value: Any, fixed: int | None, what: str, max_len: int = MAX_ITEMS) -> list[Any]:
+    _need(isinstance(value, list), "bad-field", what)
+    _need(len(value) <= max_len, "too-large", what)
+    _need(fixed is None or len(value) == fixed, "bad-field", f"{what} arity")
+    return list(value)
+
+
+def _name(value: Any, what: str) -> PeerName:
+    return peer_name_from_bytes(_bytes(value, 6, what))
+
+
+def _endpoint(raw_ip: Any, port: Any) -> Endpoint:
+    ip = _bytes(raw_ip, None, "address")
+    _need(len(ip) in (4, 16), "bad-field", "address length")
+    return Endpoint(str(ipaddress.ip_address(ip)), _int(port, 1, 65535, "port"))
+
+
+def _entry(raw: Any) -> PeerEntry:
+    fields = _list(raw, 6, "entry")
+    conns = []
+    for c in _list(fields[5], None, "connections"):
+        cf = _list(c, 4, "connection")
+        flags = _int(cf[3], 0, 3, "flags")
+        conns.append(ConnectionEntry(_name(cf[0], "remote"), _endpoint(cf[1], cf[2]), bool(flags & 1),
+                                     bool(flags & 2)))
+    return PeerEntry(
+        name=_name(fields[0], "entry name"),
+        nickname=_str(fields[1], MAX_NICKNAME, "nickname"),
+        uid=PeerUID(_int(fields[2], 0, UID_MAX, "uid")),
+        version=_int(fields[3], 0, UID_MAX, "version"),
+        short_id=ShortID(_int(fields[4], 0, 4095, "short_id")),
+        connections=tuple(conns),
+    )
+
+
+def _overlays(raw: Any) -> tuple[str, ...]:
+    return tuple(_str(o, MAX_CHANNEL, "overlay") for o in _list(raw, None, "overlays", MAX_OVERLAYS))
+
+
+def _body(msg_type: MsgType, raw: Any) -> Body:
+    match msg_type:
+        case MsgType.HELLO:
+            f = _list(raw, 5, "hello")
+            return Hello(_int(f[0], 0, 255, "version_min"), _int(f[1], 0, 255, "version_max"),
+                         _str(f[2], MAX_NICKNAME, "nickname"), ShortID(_int(f[3], 0, 4095, "short_id")),
+                         _overlays(f[4]))
+        case MsgType.HELLO_ACK:
+            f = _list(raw, 4, "hello_ack")
+            return HelloAck(_int(f[0], 0, 255, "version"), _str(f[1], MAX_NICKNAME, "nickname"),
+                            ShortID(_int(f[2], 0, 4095, "short_id")), _overlays(f[3]))
+        case MsgType.REJECT:
+            f = _list(raw, 2, "reject")
+            return Reject(_str(f[0], MAX_CHANNEL, "code"), _str(f[1], MAX_REASON, "reason"))
+        case MsgType.HEARTBEAT:
+            _list(raw, 0, "heartbeat")
+            return Heartbeat()
+        case MsgType.GOODBYE:
+            _list(raw, 0, "goodbye")
+            return Goodbye()
+        case MsgType.GOSSIP_UPDATE:
+            return GossipUpdate(tuple(_entry(e) for e in _list(raw, None, "update")))
+        case MsgType.GOSSIP_SUMMARY:
+            f = _list(raw, 2, "summary")
+            return GossipSummary(_bytes(f[0], 8, "hash"), _int(f[1], 0, 1 << 32, "count"))
+        case MsgType.GOSSIP_DIGEST:
+            items = []
+            for item in _list(raw, None, "digest"):
+                f = _list(item, 3, "digest item")
+                items.append(DigestItem(_name(f[0], "digest name"), _int(f[1], 0, UID_MAX, "version"),
+                                        PeerUID(_int(f[2], 0, UID_MAX, "uid"))))
+            return GossipDigest(tuple(items))
+        case MsgType.GOSSIP_REQUEST:
+            return GossipRequest(tuple(_name(n, "requested name") for n in _list(raw, None, "request")))
+        case MsgType.RELAY:
+            f = _list(raw, 5, "relay")
+            dst = None if f[1] is None else _name(f[1], "dst")
+            return Relay(_name(f[0], "src"), dst, _str(f[2], MAX_CHANNEL, "channel"),
+                         _int(f[3], 0, MAX_TTL, "ttl"), _bytes(f[4], None, "payload"))
+    raise DecodeError("unknown-type", str(int(msg_type)))  # pragma: no cover - exhaustive match
+
+
+_ANY_VERSION = (MsgType.HELLO, MsgType.REJECT)
+
+
+def decode(data: bytes) -> Message:
+    """Parse one datagram. Raises :class:`DecodeError` (and only that) on anything malformed."""
+    _need(len(data) <= MAX_DATAGRAM, "too-large", f"{len(data)} bytes")
+    try:
+        raw = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=MAX_DATAGRAM,
+            max_str_len=MAX_DATAGRAM,
+            max_array_len=MAX_ITEMS,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types; all mean "not our format"
+        raise DecodeError("not-msgpack", type(exc).__name__) from None
+    try:
+        envelope = _list(raw, 6, "envelope")
+        _need(envelope[0] == MAGIC, "bad-magic")
+        version = _int(envelope[1], 0, 255, "version")
+        type_number = _int(envelope[2], 0, 255, "msg_type")
+        try:
+            msg_type = MsgType(type_number)
+        except ValueError:
+            raise DecodeError("unknown-type", str(type_number)) from None
+        if msg_type not in _ANY_VERSION:
+            _need(PROTOCOL_MIN <= version <= PROTOCOL_MAX, "unsupported-version", str(version))
+        return Message(version, _name(envelope[3], "sender"), PeerUID(_int(envelope[4], 0, UID_MAX, "uid")),
+                       _body(msg_type, envelope[5]))
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise DecodeError("bad-field", type(exc).__name__) from None
