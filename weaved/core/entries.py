@@ -43,8 +43,20 @@ class PeerEntry:
         return (self.version, self.uid)
 
     def supersedes(self, other: PeerEntry | None) -> bool:
-        """True when this entry should replace ``other`` (which describes the same name)."""
-        return other is None or self.order_key > other.order_key
+        """True when this entry should replace ``other`` (which describes the same name).
+
+        Two different entries at one (version, uid) come only from a faulty peer; comparing their
+        contents still picks the same one everywhere, so merge stays commutative even then."""
+        if other is None:
+            return True
+        if self.order_key != other.order_key:
+            return self.order_key > other.order_key
+        return self != other and self._content_key() > other._content_key()
+
+    def _content_key(self) -> tuple[object, ...]:
+        return (self.nickname, self.short_id,
+                tuple((c.remote, c.address.host, c.address.port, c.outbound, c.established)
+                      for c in self.connections))
 
     def label(self) -> str:
         return f"{self.name}({self.nickname})"

@@ -1,34 +1,684 @@
-"""MeshPeer: the sans-IO mesh state machine (IMPLEMENTATION IN PROGRESS - interface fixed)."""
+"""MeshPeer: the sans-IO state machine of one weaved peer's control plane.
+
+Theory of operation
+-------------------
+The adapter owns a UDP socket and a clock and drives this object with four calls, aioquic-style:
+
+* :meth:`MeshPeer.receive_datagram` for each datagram that arrives,
+* :meth:`MeshPeer.handle_timer` once :meth:`MeshPeer.next_deadline` has passed,
+* :meth:`MeshPeer.datagrams_to_send` to collect what to send (after every call),
+* :meth:`MeshPeer.events` to collect what to log.
+
+Nothing here reads a clock, opens a socket or draws global randomness: ``now`` is an argument and the
+random generator is injected, which is what lets ``tests/sim`` run hundreds of peers, seeded, in one
+thread with virtual time.
+
+Pieces, each in its own module: :mod:`~weaved.core.wire` (codec), :mod:`~weaved.core.connections`
+(handshake records and backoff), :mod:`~weaved.core.topology` (the CRDT), :mod:`~weaved.core.routes`
+(BFS next hops and broadcast trees) and :mod:`~weaved.core.gossip` (fan-out, chunking, digests). This
+module wires them together: the handshake, heartbeats and failure detection, the connection maker,
+gossip timers, relaying, and the status snapshot.
+"""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
-from weaved.core.events import MeshEvent
-from weaved.core.status import MeshStatus
-from weaved.core.types import Endpoint, PeerIdentity
+from weaved.core import gossip
+from weaved.core.connections import Backoff, Connection, ConnState, Target, TargetSource
+from weaved.core.entries import ConnectionEntry, PeerEntry
+from weaved.core.events import (
+    ConnectionStateChanged,
+    MeshEvent,
+    NameCollision,
+    PeerJoined,
+    PeerLeft,
+    PeerRestarted,
+    RelayDelivered,
+)
+from weaved.core.routes import broadcast_children
+from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus, PeerStatus
+from weaved.core.topology import Topology
+from weaved.core.types import SHORT_ID_SPACE, Endpoint, PeerIdentity, PeerName, PeerUID, ShortID
+from weaved.core.wire import (
+    MAX_TTL,
+    PROTOCOL_MAX,
+    PROTOCOL_MIN,
+    Body,
+    DecodeError,
+    DigestItem,
+    Goodbye,
+    GossipDigest,
+    GossipRequest,
+    GossipSummary,
+    GossipUpdate,
+    Heartbeat,
+    Hello,
+    HelloAck,
+    Message,
+    Reject,
+    Relay,
+    decode,
+    encode,
+)
+
+OVERLAYS: tuple[str, ...] = ("sleeve",)
 
 
 @dataclass(frozen=True)
 class MeshConfig:
+    """Timers and limits. Defaults suit a LAN or a cluster; every knob is here so tests can shrink it."""
+
     port: int = 6783
     conn_limit: int = 200
+    """Most connections (established or in progress) we hold, like Weave's CONN_LIMIT."""
     heartbeat_interval: float = 1.0
     dead_after: float = 6.0
+    """Silence after which an established connection is declared failed."""
+    hello_interval: float = 0.5
+    """HELLO retransmission while connecting (UDP may lose it)."""
+    handshake_timeout: float = 5.0
+    gossip_delay: float = 0.2
+    """Coalescing window: changes within it go out in one round."""
+    anti_entropy_interval: float = 5.0
+    settle_delay: float = 0.2
+    """Routes, join/leave events and garbage collection run this long after a burst of changes."""
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 class MeshPeer:
-    def __init__(self, identity: PeerIdentity, config: MeshConfig, rng: random.Random, now: float,
-                 initial_version: int = 1) -> None:
-        raise NotImplementedError
+    """One peer's mesh control plane. See the module docstring for how an adapter drives it."""
 
-    def add_target(self, address: Endpoint, now: float) -> None: ...
-    def forget_target(self, address: Endpoint) -> None: ...
-    def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> None: ...
-    def handle_timer(self, now: float) -> None: ...
-    def next_deadline(self) -> float | None: ...
-    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]: ...
-    def events(self) -> list[MeshEvent]: ...
-    def leave(self, now: float) -> None: ...
-    def status(self, now: float) -> MeshStatus: ...
+    def __init__(
+        self,
+        identity: PeerIdentity,
+        config: MeshConfig,
+        rng: random.Random,
+        now: float,
+        initial_version: int = 1,
+    ) -> None:
+        """``initial_version`` should grow across restarts (the daemon passes wall-clock ms) so a new
+        incarnation supersedes the old entry at once; if it does not, the peer bumps past it anyway."""
+        self.identity = identity
+        self.config = config
+        self._rng = rng
+        self._conns: dict[Endpoint, Connection] = {}
+        self._targets: dict[Endpoint, Target] = {}
+        self._out: list[tuple[bytes, Endpoint]] = []
+        self._events: list[MeshEvent] = []
+        self.counters: Counter[str] = Counter()
+        self._leaving = False
+        self.topology = Topology(
+            PeerEntry(identity.name, identity.nickname, identity.uid, initial_version, identity.short_id, ())
+        )
+        self._pending_gossip: set[PeerName] = set()
+        self._gossip_due: float | None = None
+        self._settle_due: float | None = None
+        self._next_anti_entropy = now + config.anti_entropy_interval * rng.random()
+        self._reachable: dict[PeerName, PeerUID] = {}
+        self._sizes = gossip.EntrySizeCache()
+
+    # --- adapter interface ------------------------------------------------------------------------
+
+    def add_target(self, address: Endpoint, now: float) -> None:
+        """Dial ``address`` (from ``--peer`` or ``weaved connect``) and keep it connected."""
+        target = self._targets.get(address)
+        if target is None:
+            self._targets[address] = Target(address, TargetSource.DIRECT, next_attempt=now)
+        else:
+            target.source = TargetSource.DIRECT
+            target.next_attempt = min(target.next_attempt, now)
+            target.give_up = False
+
+    def forget_target(self, address: Endpoint) -> None:
+        """Stop (re)dialling ``address``; an existing connection stays until it fails."""
+        self._targets.pop(address, None)
+
+    def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> None:
+        self.counters["rx_datagrams"] += 1
+        self.counters["rx_bytes"] += len(data)
+        try:
+            message = decode(data)
+        except DecodeError as exc:
+            self._drop(exc.reason)
+            return
+        if self._leaving:
+            return
+        self._dispatch(message, source, now)
+
+    def handle_timer(self, now: float) -> None:
+        if self._leaving:
+            return
+        self._tick_connections(now)
+        self._dial_targets(now)
+        if self._gossip_due is not None and now >= self._gossip_due:
+            self._flush_gossip()
+        if self._settle_due is not None and now >= self._settle_due:
+            self._settle(now)
+        if now >= self._next_anti_entropy:
+            self._next_anti_entropy = now + self.config.anti_entropy_interval
+            neighbours = self._established()
+            if neighbours:
+                self._send_summary(self._rng.choice(neighbours))
+
+    def next_deadline(self) -> float | None:
+        if self._leaving:
+            return None
+        deadlines = [self._next_anti_entropy]
+        if self._gossip_due is not None:
+            deadlines.append(self._gossip_due)
+        if self._settle_due is not None:
+            deadlines.append(self._settle_due)
+        for conn in self._conns.values():
+            deadlines.append(conn.next_send)
+            if conn.state is ConnState.ESTABLISHED:
+                deadlines.append(conn.last_received + self.config.dead_after)
+            else:
+                deadlines.append(conn.handshake_deadline)
+        if len(self._conns) < self.config.conn_limit:
+            deadlines.extend(t.next_attempt for t in self._targets.values() if self._dialable(t))
+        return min(deadlines)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[MeshEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def leave(self, now: float) -> None:
+        """Say goodbye to every neighbour and stop; peers drop us at once instead of timing out."""
+        for conn in list(self._conns.values()):
+            if conn.remote is not None:
+                self._send(conn.address, Goodbye())
+            self._remove_connection(conn, "we are leaving", now, publish=False)
+        self._leaving = True
+
+    def send_relay(self, dst: PeerName | None, channel: str, payload: bytes) -> bool:
+        """Route an application payload to ``dst`` (None: every reachable peer). False if no route."""
+        relay = Relay(self.identity.name, dst, channel, MAX_TTL, payload)
+        if dst is None:
+            self._forward_broadcast(relay)
+            return True
+        return self._forward_unicast(relay)
+
+    def status(self, now: float) -> MeshStatus:
+        hops = self.topology.next_hops()
+        nick = {n: e.nickname for n, e in self.topology.entries.items()}
+        peers = [
+            PeerStatus(
+                name=e.name, nickname=e.nickname, uid=e.uid, version=e.version, short_id=e.short_id,
+                connections=[
+                    PeerConnectionStatus(c.remote, nick.get(c.remote), str(c.address), c.outbound, c.established)
+                    for c in e.connections
+                ],
+                next_hop=hops.get(e.name),
+            )
+            for e in sorted(self.topology.entries.values(), key=lambda e: e.name)
+        ]
+        connections = [
+            ConnectionStatus(
+                address=str(c.address), outbound=c.outbound, state=c.state.value,
+                peer_name=c.remote.name if c.remote else None,
+                peer_nickname=c.remote.nickname if c.remote else None,
+                info=f"protocol {c.protocol_version}" if c.state is ConnState.ESTABLISHED else "",
+            )
+            for c in sorted(self._conns.values(), key=lambda c: c.address)
+        ]
+        for t in sorted(self._targets.values(), key=lambda t: t.address):
+            if t.address in self._conns or t.is_self or not t.last_error:
+                continue
+            retry = "not retrying" if t.give_up else f"retry in {max(0.0, t.next_attempt - now):.1f}s"
+            connections.append(ConnectionStatus(str(t.address), True, "failed", t.known_name,
+                                                nick.get(t.known_name) if t.known_name else None,
+                                                f"{t.last_error}, {retry}"))
+        return MeshStatus(
+            name=self.identity.name, nickname=self.identity.nickname, uid=self.identity.uid,
+            short_id=self.topology.own.short_id, protocol=f"weaved {PROTOCOL_MIN}..{PROTOCOL_MAX}",
+            port=self.config.port, conn_limit=self.config.conn_limit, peers=peers, connections=connections,
+            targets=[str(t.address) for t in sorted(self._targets.values(), key=lambda t: t.address)
+                     if not t.is_self],
+            counters=dict(self.counters),
+        )
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def _send(self, address: Endpoint, body: Body, version: int = PROTOCOL_MAX) -> None:
+        data = encode(Message(version, self.identity.name, self.identity.uid, body))
+        self._out.append((data, address))
+        self.counters["tx_datagrams"] += 1
+        self.counters["tx_bytes"] += len(data)
+        if isinstance(body, GossipUpdate | GossipSummary | GossipDigest | GossipRequest):
+            self.counters["tx_gossip_bytes"] += len(data)
+
+    def _drop(self, reason: str) -> None:
+        self.counters[f"dropped_{reason}"] += 1
+
+    def _hello(self) -> Hello:
+        return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id, OVERLAYS)
+
+    # --- receiving --------------------------------------------------------------------------------
+
+    def _dispatch(self, message: Message, source: Endpoint, now: float) -> None:
+        if message.sender == self.identity.name:
+            self._from_own_name(message, source, now)
+            return
+        body = message.body
+        if isinstance(body, Hello):
+            self._on_hello(message, body, source, now)
+            return
+        if isinstance(body, HelloAck):
+            self._on_hello_ack(message, body, source, now)
+            return
+        if isinstance(body, Reject):
+            self._on_reject(body, source, now)
+            return
+        conn = self._conns.get(source)
+        if conn is None or conn.remote is None or conn.remote.name != message.sender \
+                or conn.remote.uid != message.sender_uid:
+            self._drop("unknown-sender")
+            if isinstance(body, Heartbeat):
+                # The sender believes in a connection we do not have (we restarted): make it redial now.
+                self._send(source, Reject("unknown-connection", "no connection with you; please reconnect"))
+            return
+        conn.last_received = now
+        if conn.state is not ConnState.ESTABLISHED:
+            if conn.state is ConnState.CONNECTING:
+                self._drop("unexpected")
+                return
+            self._establish(conn, now, "handshake confirmed")
+        match body:
+            case Heartbeat():
+                pass
+            case Goodbye():
+                self._remove_connection(conn, "peer left", now)
+            case GossipUpdate():
+                self._merge(body.entries, now)
+            case GossipSummary():
+                if body.digest_hash != self.topology.digest_hash():
+                    self._send_digest(conn.address)
+            case GossipDigest():
+                push, want = gossip.compare_digest(body.items, self.topology.entries)
+                self._send_entries(conn.address, push)
+                self._send_request(conn.address, want)
+            case GossipRequest():
+                entries = self.topology.entries
+                self._send_entries(conn.address, [entries[n] for n in body.names if n in entries])
+            case Relay():
+                self._on_relay(body)
+
+    def _from_own_name(self, message: Message, source: Endpoint, now: float) -> None:
+        if message.sender_uid == self.identity.uid:
+            # We dialled ourselves (a peer list that includes our own address): stop doing that.
+            target = self._targets.get(source)
+            if target is not None:
+                target.is_self = True
+            conn = self._conns.get(source)
+            if conn is not None:
+                self._remove_connection(conn, "that is our own address", now, quiet=True)
+            return
+        if isinstance(message.body, Hello):
+            self._send(source, Reject("collision", f"peer name {self.identity.name} is already in use"))
+            nickname = message.body.nickname
+            self._events.append(NameCollision(str(source), message.sender, nickname))
+        self._drop("name-collision")
+
+    def _negotiate(self, lo: int, hi: int) -> int | None:
+        version = min(hi, PROTOCOL_MAX)
+        return version if version >= max(lo, PROTOCOL_MIN) else None
+
+    def _conn_by_name(self, name: PeerName, exclude: Endpoint) -> Connection | None:
+        for conn in self._conns.values():
+            if conn.address != exclude and conn.remote is not None and conn.remote.name == name:
+                return conn
+        return None
+
+    def _check_duplicate(self, remote: PeerIdentity, source: Endpoint, now: float) -> str | None:
+        """A reason to refuse ``remote`` at ``source`` when we are connected to its name elsewhere.
+
+        The same incarnation at a second address is a duplicate path; a new incarnation while the old
+        one is still heard from is a second live peer with that name. Otherwise it is a restart and the
+        stale connection goes."""
+        other = self._conn_by_name(remote.name, source)
+        if other is None or other.remote is None:
+            return None
+        if other.remote.uid == remote.uid:
+            return f"already connected to {remote.label()} via {other.address}"
+        if other.state is ConnState.ESTABLISHED and now - other.last_received < 2 * self.config.heartbeat_interval:
+            return f"{remote.label()} is also alive at {other.address}"
+        self._remove_connection(other, "peer restarted elsewhere", now)
+        return None
+
+    def _on_hello(self, message: Message, hello: Hello, source: Endpoint, now: float) -> None:
+        version = self._negotiate(hello.version_min, hello.version_max)
+        if version is None:
+            self._send(source, Reject("version", f"no common protocol version: we speak {PROTOCOL_MIN}.."
+                                                 f"{PROTOCOL_MAX}, you {hello.version_min}..{hello.version_max}"))
+            self._drop("version-mismatch")
+            return
+        remote = PeerIdentity(message.sender, hello.nickname, message.sender_uid, hello.short_id)
+        conn = self._conns.get(source)
+        if conn is not None and conn.remote == remote:
+            # A retransmitted HELLO (our ACK was lost) or a simultaneous open we already adopted.
+            conn.last_received = now
+            self._send(source, HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS),
+                       version)
+            return
+        reason = self._check_duplicate(remote, source, now)
+        if reason is not None:
+            self._send(source, Reject("duplicate", reason))
+            return
+        if conn is not None and conn.remote is not None:
+            self._remove_connection(conn, "peer restarted", now)
+            conn = None
+        if conn is None:
+            if len(self._conns) >= self.config.conn_limit:
+                self._send(source, Reject("limit", f"connection limit {self.config.conn_limit} reached"))
+                self._drop("conn-limit")
+                return
+            conn = Connection(source, outbound=False, state=ConnState.PENDING, remote=remote,
+                              protocol_version=version, last_received=now, next_send=now,
+                              handshake_deadline=now + self.config.handshake_timeout)
+            self._conns[source] = conn
+            self._conn_event(conn, "new", "inbound handshake")
+        else:
+            # Simultaneous open: we were dialling them too. Keep our record, now we know who it is.
+            conn.remote, conn.protocol_version, conn.last_received = remote, version, now
+            self._set_state(conn, ConnState.PENDING, "simultaneous handshake")
+        self._learn_target_name(source, remote.name)
+        self._send(source, HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS), version)
+        self._publish(now)
+
+    def _on_hello_ack(self, message: Message, ack: HelloAck, source: Endpoint, now: float) -> None:
+        conn = self._conns.get(source)
+        remote = PeerIdentity(message.sender, ack.nickname, message.sender_uid, ack.short_id)
+        if conn is None or conn.state is ConnState.ESTABLISHED:
+            if conn is None or conn.remote != remote:
+                self._drop("unexpected")
+            return
+        if not PROTOCOL_MIN <= ack.version <= PROTOCOL_MAX:
+            self._drop("version-mismatch")
+            self._fail_connection(conn, f"peer chose unsupported protocol version {ack.version}", now)
+            return
+        reason = self._check_duplicate(remote, source, now)
+        if reason is not None:
+            self._learn_target_name(source, remote.name)
+            self._fail_connection(conn, reason, now)
+            return
+        conn.remote, conn.protocol_version, conn.last_received = remote, ack.version, now
+        self._learn_target_name(source, remote.name)
+        self._send(source, Heartbeat())  # confirms the handshake to the acceptor
+        self._establish(conn, now, f"protocol {ack.version}")
+
+    def _on_reject(self, reject: Reject, source: Endpoint, now: float) -> None:
+        conn = self._conns.get(source)
+        target = self._targets.get(source)
+        if conn is None and target is None:
+            self._drop("unexpected")
+            return
+        reason = f"rejected by peer: {reject.reason}"
+        if conn is not None:
+            self._fail_connection(conn, reason, now)
+        if target is None:
+            return
+        if reject.code == "collision":
+            target.give_up = True
+            self._events.append(NameCollision(str(source), self.identity.name, self.identity.nickname))
+        elif reject.code == "unknown-connection":
+            target.attempts, target.next_attempt = 0, now
+
+    # --- connections ------------------------------------------------------------------------------
+
+    def _set_state(self, conn: Connection, state: ConnState, reason: str) -> None:
+        old = conn.state.value
+        conn.state = state
+        self._events.append(ConnectionStateChanged(str(conn.address), conn.label(), old, state.value, reason))
+
+    def _conn_event(self, conn: Connection, old: str, reason: str) -> None:
+        self._events.append(ConnectionStateChanged(str(conn.address), conn.label(), old, conn.state.value, reason))
+
+    def _establish(self, conn: Connection, now: float, reason: str) -> None:
+        assert conn.remote is not None
+        # A neighbour we could not reach before comes from another part of the network (a joining peer,
+        # a healed partition): reconcile whole views by digest. One already reachable shares our view
+        # up to gossip in flight, which anti-entropy covers, so the digest round is skipped at scale.
+        was_reachable = conn.remote.name in self.topology.next_hops()
+        self._set_state(conn, ConnState.ESTABLISHED, reason)
+        conn.next_send = now + self.config.heartbeat_interval
+        target = self._targets.get(conn.address)
+        if target is not None:
+            target.attempts, target.last_error = 0, ""
+        self._publish(now)
+        self._send_entries(conn.address, [self.topology.own])
+        if not was_reachable:
+            self._send_summary(conn)
+
+    def _fail_connection(self, conn: Connection, reason: str, now: float) -> None:
+        target = self._targets.get(conn.address)
+        if target is not None:
+            target.attempts += 1
+            target.last_error = reason
+            target.next_attempt = now + self.config.backoff.delay(target.attempts, self._rng)
+        self._remove_connection(conn, reason, now, new_state="failed")
+
+    def _remove_connection(self, conn: Connection, reason: str, now: float, *, publish: bool = True,
+                           new_state: str = "closed", quiet: bool = False) -> None:
+        del self._conns[conn.address]
+        if not quiet:
+            self._events.append(ConnectionStateChanged(str(conn.address), conn.label(), conn.state.value,
+                                                       new_state, reason))
+        target = self._targets.get(conn.address)
+        if target is not None and target.next_attempt <= now and new_state != "failed":
+            target.next_attempt = now + self.config.backoff.delay(max(1, target.attempts), self._rng)
+        if publish and conn.remote is not None:
+            self._publish(now)
+
+    def _tick_connections(self, now: float) -> None:
+        for conn in list(self._conns.values()):
+            if conn.state is ConnState.ESTABLISHED:
+                silent = now - conn.last_received
+                if silent >= self.config.dead_after:
+                    self._fail_connection(conn, f"heartbeat timeout: nothing heard for {silent:.1f}s", now)
+                elif now >= conn.next_send:
+                    self._send(conn.address, Heartbeat())
+                    conn.next_send = now + self.config.heartbeat_interval
+            elif now >= conn.handshake_deadline:
+                what = "no answer to handshake" if conn.state is ConnState.CONNECTING else "handshake not confirmed"
+                self._fail_connection(conn, what, now)
+            elif conn.state is ConnState.CONNECTING and now >= conn.next_send:
+                self._send(conn.address, self._hello())
+                conn.next_send = now + self.config.hello_interval
+            elif conn.state is ConnState.PENDING:
+                conn.next_send = conn.handshake_deadline
+
+    def _connected_names(self) -> set[PeerName]:
+        return {c.remote.name for c in self._conns.values() if c.remote is not None}
+
+    def _dialable(self, target: Target) -> bool:
+        return not (target.give_up or target.is_self or target.address in self._conns)
+
+    def _dial_targets(self, now: float) -> None:
+        connected = self._connected_names()
+        for target in list(self._targets.values()):
+            if len(self._conns) >= self.config.conn_limit:
+                return
+            if not self._dialable(target) or target.next_attempt > now:
+                continue
+            if target.known_name in connected:
+                target.next_attempt = now + self.config.backoff.cap
+                continue
+            conn = Connection(target.address, outbound=True, state=ConnState.CONNECTING, remote=None,
+                              protocol_version=PROTOCOL_MAX, last_received=now,
+                              next_send=now + self.config.hello_interval,
+                              handshake_deadline=now + self.config.handshake_timeout)
+            self._conns[target.address] = conn
+            self._conn_event(conn, "new", f"dialling {target.source.value} target")
+            self._send(target.address, self._hello())
+
+    def _learn_target_name(self, address: Endpoint, name: PeerName) -> None:
+        target = self._targets.get(address)
+        if target is not None:
+            target.known_name = name
+
+    def _established(self) -> list[Connection]:
+        return [c for c in self._conns.values() if c.state is ConnState.ESTABLISHED]
+
+    # --- topology ---------------------------------------------------------------------------------
+
+    def _publish(self, now: float) -> None:
+        """Rebuild our own entry from our connections; bump the version and gossip it if it changed."""
+        own = self.topology.own
+        connections = tuple(sorted(
+            (ConnectionEntry(c.remote.name, c.address, c.outbound, c.state is ConnState.ESTABLISHED)
+             for c in self._conns.values() if c.remote is not None),
+            key=lambda c: (c.remote, c.address),
+        ))
+        if connections == own.connections:
+            return
+        self._replace_own(own.version + 1, own.short_id, connections, now)
+
+    def _replace_own(self, version: int, short_id: ShortID, connections: tuple[ConnectionEntry, ...],
+                     now: float) -> None:
+        own = self.topology.own
+        self.topology.set_own(PeerEntry(own.name, own.nickname, own.uid, version, short_id, connections))
+        self._queue_gossip([own.name], now)
+        self._after_topology_change(now)
+
+    def _merge(self, entries: tuple[PeerEntry, ...], now: float) -> None:
+        result = self.topology.merge(entries)
+        if result.own_conflict is not None:
+            own = self.topology.own
+            self._replace_own(result.own_conflict.version + 1, own.short_id, own.connections, now)
+        if result.improved:
+            self._queue_gossip([e.name for e in result.improved], now)
+            self._after_topology_change(now, result.improved)
+
+    def _after_topology_change(self, now: float, changed: list[PeerEntry] | None = None) -> None:
+        """Cheap per-change work now; routes, join/leave events and GC are coalesced into :meth:`_settle`."""
+        if self._settle_due is None:
+            self._settle_due = now + self.config.settle_delay
+        if changed:
+            self._learn_targets(changed, now)
+        self._settle_short_id(changed or [], now)
+
+    def _settle(self, now: float) -> None:
+        """Recompute reachability once per burst of changes: log joins/leaves/restarts, collect garbage."""
+        self._settle_due = None
+        hops = self.topology.next_hops()
+        entries = self.topology.entries
+        reachable = {name: entries[name].uid for name in hops}
+        for name, uid in reachable.items():
+            entry = entries[name]
+            old_uid = self._reachable.get(name)
+            if old_uid is None:
+                addresses = tuple(sorted({str(c.address) for e in entries.values() for c in e.connections
+                                          if c.remote == name}))
+                self._events.append(PeerJoined(name, entry.nickname, addresses))
+            elif old_uid != uid:
+                self._events.append(PeerRestarted(name, entry.nickname))
+        for name in self._reachable.keys() - reachable.keys():
+            gone = entries.get(name)
+            self._events.append(PeerLeft(name, gone.nickname if gone else "?", "no longer reachable"))
+        self._reachable = reachable
+        if self.topology.collect_garbage():
+            self._prune_learnt_targets()
+
+    def _learn_targets(self, changed: list[PeerEntry], now: float) -> None:
+        """Discovery: the addresses other peers use for their connections become dial targets."""
+        connected = self._connected_names()
+        for entry in changed:
+            if entry.name == self.identity.name:
+                continue
+            for c in entry.connections:
+                if c.remote == self.identity.name or c.remote in connected or c.address in self._targets:
+                    continue
+                self._targets[c.address] = Target(c.address, TargetSource.LEARNT, next_attempt=now,
+                                                  known_name=c.remote)
+
+    def _prune_learnt_targets(self) -> None:
+        """Forget learnt addresses that no peer mentions any more (their peer is gone)."""
+        mentioned = {c.address for e in self.topology.entries.values() for c in e.connections}
+        for address, target in list(self._targets.items()):
+            if target.source is TargetSource.LEARNT and address not in mentioned and address not in self._conns:
+                del self._targets[address]
+
+    def _settle_short_id(self, changed: list[PeerEntry], now: float) -> None:
+        """Short ids must be unique among peers: on a clash the lower name keeps its id."""
+        own = self.topology.own
+        if not any(e.short_id == own.short_id and e.name < own.name for e in changed):
+            return
+        taken = {e.short_id for e in self.topology.entries.values()}
+        free = [i for i in range(SHORT_ID_SPACE) if i not in taken]
+        if free:
+            self._replace_own(own.version + 1, ShortID(self._rng.choice(free)), own.connections, now)
+
+    # --- gossip -----------------------------------------------------------------------------------
+
+    def _queue_gossip(self, names: list[PeerName], now: float) -> None:
+        self._pending_gossip.update(names)
+        if self._gossip_due is None:
+            self._gossip_due = now + self.config.gossip_delay
+
+    def _flush_gossip(self) -> None:
+        self._gossip_due = None
+        entries = [self.topology.entries[n] for n in sorted(self._pending_gossip) if n in self.topology.entries]
+        self._pending_gossip.clear()
+        neighbours = self._established()
+        if not entries or not neighbours:
+            return
+        count = gossip.fanout(len(self.topology.entries), len(neighbours))
+        for conn in self._rng.sample(neighbours, count):
+            self._send_entries(conn.address, entries)
+
+    def _send_entries(self, address: Endpoint, entries: list[PeerEntry]) -> None:
+        for part in gossip.chunk(entries, self._sizes.size):
+            self._send(address, GossipUpdate(tuple(part)))
+
+    def _send_summary(self, conn: Connection) -> None:
+        self._send(conn.address, GossipSummary(self.topology.digest_hash(), len(self.topology.entries)))
+
+    def _send_digest(self, address: Endpoint) -> None:
+        items = [DigestItem(e.name, e.version, e.uid) for e in self.topology.entries.values()]
+        for part in gossip.chunk(items, lambda _: gossip.DIGEST_ITEM_SIZE):
+            self._send(address, GossipDigest(tuple(part)))
+
+    def _send_request(self, address: Endpoint, want: list[DigestItem]) -> None:
+        for part in gossip.chunk([i.name for i in want], lambda _: gossip.REQUEST_ITEM_SIZE):
+            self._send(address, GossipRequest(tuple(part)))
+
+    # --- relay ------------------------------------------------------------------------------------
+
+    def _on_relay(self, relay: Relay) -> None:
+        if relay.dst is None:
+            if relay.src != self.identity.name:
+                self._events.append(RelayDelivered(relay.src, relay.channel, relay.payload))
+                self._forward_broadcast(relay)
+            return
+        if relay.dst == self.identity.name:
+            self._events.append(RelayDelivered(relay.src, relay.channel, relay.payload))
+            return
+        if relay.ttl <= 1:
+            self._drop("ttl-expired")
+            return
+        self._forward_unicast(Relay(relay.src, relay.dst, relay.channel, relay.ttl - 1, relay.payload))
+
+    def _forward_unicast(self, relay: Relay) -> bool:
+        assert relay.dst is not None
+        hop = self.topology.next_hops().get(relay.dst)
+        conn = self._conn_by_name(hop, exclude=Endpoint("0.0.0.0", 1)) if hop else None
+        if conn is None or conn.state is not ConnState.ESTABLISHED:
+            self._drop("no-route")
+            return False
+        self._send(conn.address, relay)
+        return True
+
+    def _forward_broadcast(self, relay: Relay) -> None:
+        children = broadcast_children(relay.src, self.identity.name, self.topology.graph())
+        by_name = {c.remote.name: c for c in self._established() if c.remote is not None}
+        for child in children:
+            conn = by_name.get(child)
+            if conn is not None:
+                self._send(conn.address, relay)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NewType
 
 PeerName = NewType("PeerName", str)
@@ -57,6 +58,11 @@ def default_short_id(name: PeerName) -> ShortID:
     return ShortID(int.from_bytes(hashlib.sha256(name.encode()).digest()[:2], "big") % SHORT_ID_SPACE)
 
 
+@lru_cache(maxsize=65_536)
+def _check_ip(host: str) -> None:
+    ipaddress.ip_address(host)  # raises ValueError on anything but an IP literal
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
     """A UDP address: IP literal and port. Host names are resolved by adapters, never by the core."""
@@ -65,7 +71,7 @@ class Endpoint:
     port: int
 
     def __post_init__(self) -> None:
-        ipaddress.ip_address(self.host)  # raises ValueError on anything but an IP literal
+        _check_ip(self.host)
         if not 0 < self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
 

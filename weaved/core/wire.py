@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 from enum import IntEnum
 from typing import Any
 
@@ -203,11 +204,14 @@ class Message:
 # --- encoding -------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=65_536)
 def _addr_raw(address: Endpoint) -> bytes:
     return ipaddress.ip_address(address.host).packed
 
 
+@lru_cache(maxsize=65_536)
 def _entry_raw(entry: PeerEntry) -> list[Any]:
+    """Entries are immutable and sent to many neighbours many times: build each raw form once."""
     return [
         peer_name_to_bytes(entry.name),
         entry.nickname,
@@ -252,7 +256,7 @@ def _body_raw(body: Body) -> list[Any]:
 
 def encode(message: Message) -> bytes:
     """Serialise a message. Encoding our own message never fails for well-formed values."""
-    return msgpack.packb(
+    data: bytes = msgpack.packb(
         [
             MAGIC,
             message.version,
@@ -263,6 +267,7 @@ def encode(message: Message) -> bytes:
         ],
         use_bin_type=True,
     )
+    return data
 
 
 def encoded_entry_size(entry: PeerEntry) -> int:
@@ -308,17 +313,34 @@ def _name(value: Any, what: str) -> PeerName:
 def _endpoint(raw_ip: Any, port: Any) -> Endpoint:
     ip = _bytes(raw_ip, None, "address")
     _need(len(ip) in (4, 16), "bad-field", "address length")
-    return Endpoint(str(ipaddress.ip_address(ip)), _int(port, 1, 65535, "port"))
+    return _endpoint_cached(ip, _int(port, 1, 65535, "port"))
+
+
+@lru_cache(maxsize=65_536)
+def _endpoint_cached(ip: bytes, port: int) -> Endpoint:
+    """Addresses repeat in every entry; parsing them is the decoder's hottest step without a cache."""
+    return Endpoint(str(ipaddress.ip_address(ip)), port)
+
+
+def _connection(raw: Any) -> ConnectionEntry:
+    cf = _list(raw, 4, "connection")
+    name, ip, port, flags = cf
+    _need(type(name) is bytes and len(name) == 6, "bad-field", "remote")
+    _need(type(ip) is bytes and len(ip) in (4, 16), "bad-field", "address")
+    _int(port, 1, 65535, "port")
+    _int(flags, 0, 3, "flags")
+    return _connection_cached(name, ip, port, flags)
+
+
+@lru_cache(maxsize=65_536)
+def _connection_cached(name: bytes, ip: bytes, port: int, flags: int) -> ConnectionEntry:
+    """The same connection appears in many datagrams: validated fields map to one shared object."""
+    return ConnectionEntry(peer_name_from_bytes(name), _endpoint_cached(ip, port), bool(flags & 1), bool(flags & 2))
 
 
 def _entry(raw: Any) -> PeerEntry:
     fields = _list(raw, 6, "entry")
-    conns = []
-    for c in _list(fields[5], None, "connections"):
-        cf = _list(c, 4, "connection")
-        flags = _int(cf[3], 0, 3, "flags")
-        conns.append(ConnectionEntry(_name(cf[0], "remote"), _endpoint(cf[1], cf[2]), bool(flags & 1),
-                                     bool(flags & 2)))
+    conns = [_connection(c) for c in _list(fields[5], None, "connections")]
     return PeerEntry(
         name=_name(fields[0], "entry name"),
         nickname=_str(fields[1], MAX_NICKNAME, "nickname"),

@@ -1,0 +1,79 @@
+"""Per-address connection and dial-target records, and the reconnect backoff.
+
+Theory of operation
+-------------------
+UDP has no connections, so the mesh makes its own, one per remote address (a peer listens and sends
+on the same port, so an inbound datagram's source is also the address to dial back)::
+
+    outbound:  CONNECTING --HELLO_ACK--> ESTABLISHED
+    inbound:   (HELLO) --> PENDING --any further datagram from that incarnation--> ESTABLISHED
+
+A connection that hears nothing for ``dead_after`` seconds fails. A *target* is an address we want a
+connection to: given by the operator (``--peer``, ``weaved connect``) or learnt from other peers'
+connection lists. A target with no connection is dialled after a jittered, capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+from weaved.core.types import Endpoint, PeerIdentity, PeerName
+
+
+class ConnState(StrEnum):
+    CONNECTING = "connecting"
+    PENDING = "pending"
+    ESTABLISHED = "established"
+
+
+@dataclass
+class Connection:
+    address: Endpoint
+    outbound: bool
+    state: ConnState
+    remote: PeerIdentity | None
+    """Known once a HELLO or HELLO_ACK told us who is at ``address``."""
+    protocol_version: int
+    last_received: float
+    next_send: float
+    """When to retransmit HELLO (connecting) or send the next heartbeat (established)."""
+    handshake_deadline: float
+
+    def label(self) -> str | None:
+        return self.remote.label() if self.remote else None
+
+
+class TargetSource(StrEnum):
+    DIRECT = "direct"
+    LEARNT = "learnt"
+
+
+@dataclass
+class Target:
+    address: Endpoint
+    source: TargetSource
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    known_name: PeerName | None = None
+    """The peer last seen at this address: no need to dial while it is connected elsewhere."""
+    give_up: bool = False
+    """Set for a name collision: retrying cannot help."""
+    is_self: bool = False
+    """The address turned out to be our own (a peer list that includes us)."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Jittered exponential backoff: ``base * factor**attempts``, ±``jitter`` fraction, at most ``cap``."""
+
+    base: float = 1.0
+    factor: float = 1.5
+    cap: float = 20.0
+    jitter: float = 0.5
+
+    def delay(self, attempts: int, rng: random.Random) -> float:
+        raw = min(self.cap, self.base * self.factor ** max(0, attempts - 1))
+        return min(self.cap, raw * (1.0 + self.jitter * (2.0 * rng.random() - 1.0)))

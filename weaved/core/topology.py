@@ -1,0 +1,116 @@
+"""The topology: every peer's latest entry, merged CRDT-style, with routes and garbage collection.
+
+Theory of operation
+-------------------
+Each peer owns exactly one entry (its own) and is the only one to change it, bumping ``version``.
+Merging keeps, per name, the entry with the highest ``(version, uid)``. That join is commutative,
+associative and idempotent, so peers that have seen the same entries hold the same state whatever the
+order, loss or duplication of gossip. :meth:`Topology.merge` returns the delta (entries that improved
+our view) so that gossip only forwards news and dies out once everyone agrees.
+
+Our own name is special: an incoming entry with our name and another UID is an older incarnation of
+us (we restarted) or a clone. We never store it; :class:`MergeResult` reports it so the mesh bumps its
+version past it.
+
+Entries of peers that are no longer reachable over established, symmetric connections are removed
+(garbage collection), unless one of our own connections still names them; they come back through
+gossip as soon as they are reachable again. The mesh runs the collection a moment after a change
+rather than inside :meth:`merge`: an entry and the entry that makes it reachable may arrive in two
+different datagrams, and collecting in between would throw the first away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from weaved.core.entries import PeerEntry
+from weaved.core.routes import symmetric_neighbours, unicast_next_hops
+from weaved.core.types import PeerName
+
+
+@dataclass
+class MergeResult:
+    improved: list[PeerEntry] = field(default_factory=list)
+    """Entries that replaced or added to our view."""
+    own_conflict: PeerEntry | None = None
+    """An entry with our name but another UID, at or above our version."""
+
+
+class Topology:
+    """Entries by name, plus derived routes; ``generation`` changes whenever anything does."""
+
+    def __init__(self, own: PeerEntry) -> None:
+        self.own_name = own.name
+        self.entries: dict[PeerName, PeerEntry] = {own.name: own}
+        self.generation = 0
+        self._routes_generation = -1
+        self._hash_generation = -1
+        self._next_hops: dict[PeerName, PeerName] = {}
+        self._graph: dict[PeerName, list[PeerName]] = {}
+        self._digest_hash = b""
+
+    @property
+    def own(self) -> PeerEntry:
+        return self.entries[self.own_name]
+
+    def set_own(self, entry: PeerEntry) -> None:
+        """Replace our own entry (a local change); the caller has bumped the version."""
+        assert entry.name == self.own_name and entry.order_key > self.own.order_key, "own version must grow"
+        self.entries[self.own_name] = entry
+        self.generation += 1
+
+    def merge(self, incoming: Iterable[PeerEntry]) -> MergeResult:
+        """Join remote entries into ours; return the delta. Pure CRDT join plus garbage collection."""
+        result = MergeResult()
+        for entry in incoming:
+            if entry.name == self.own_name:
+                newer_incarnation = entry.uid != self.own.uid and entry.version >= self.own.version
+                if newer_incarnation and (result.own_conflict is None or entry.supersedes(result.own_conflict)):
+                    result.own_conflict = entry
+                continue
+            if entry.supersedes(self.entries.get(entry.name)):
+                self.entries[entry.name] = entry
+                result.improved.append(entry)
+        if result.improved:
+            self.generation += 1
+        return result
+
+    def collect_garbage(self) -> set[PeerName]:
+        """Drop entries unreachable from us and not named by one of our own connections."""
+        reachable = set(self.next_hops()) | {self.own_name}
+        reachable.update(c.remote for c in self.own.connections)
+        removed = {name for name in self.entries if name not in reachable}
+        for name in removed:
+            del self.entries[name]
+        if removed:
+            self.generation += 1
+        return removed
+
+    def _refresh_routes(self) -> None:
+        if self._routes_generation != self.generation:
+            self._graph = symmetric_neighbours(self.entries)
+            self._next_hops = unicast_next_hops(self.own_name, self._graph)
+            self._routes_generation = self.generation
+
+    def next_hops(self) -> dict[PeerName, PeerName]:
+        """Unicast routes: reachable peer → neighbour to send through (cached per generation)."""
+        self._refresh_routes()
+        return self._next_hops
+
+    def graph(self) -> dict[PeerName, list[PeerName]]:
+        """Symmetric established adjacency, for broadcast trees."""
+        self._refresh_routes()
+        return self._graph
+
+    def digest_hash(self) -> bytes:
+        """8-byte hash over every (name, version, uid): equal hashes mean equal views."""
+        if self._hash_generation != self.generation:
+            packed = b"".join(
+                name.encode() + struct.pack(">QQ", e.version, e.uid) for name, e in sorted(self.entries.items())
+            )
+            self._digest_hash = hashlib.blake2b(packed, digest_size=8).digest()
+            self._hash_generation = self.generation
+        return self._digest_hash
