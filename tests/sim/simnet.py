@@ -37,6 +37,8 @@ class SimPeer:
     alive: bool = True
     events: list[MeshEvent] = field(default_factory=list)
     tx_bytes: int = 0
+    timer_at: float | None = None
+    """The one live timer entry of this peer in the heap; any other entry for it is stale."""
 
 
 class SimNet:
@@ -87,6 +89,7 @@ class SimNet:
         old = self.peers[nickname]
         old.mesh = self._new_mesh(old.mesh.identity.name, nickname)
         old.alive = True
+        old.timer_at = None
         for target in targets:
             old.mesh.add_target(target, self.now)
         self._schedule_timer(old)
@@ -124,8 +127,12 @@ class SimNet:
 
     def _schedule_timer(self, peer: SimPeer) -> None:
         deadline = peer.mesh.next_deadline()
-        if deadline is not None:
-            self._push(max(deadline, self.now), "timer", (peer, peer.mesh))
+        if deadline is None:
+            return
+        deadline = max(deadline, self.now)
+        if peer.timer_at is None or deadline < peer.timer_at:
+            peer.timer_at = deadline
+            self._push(deadline, "timer", (peer, peer.mesh))
 
     def _flush(self, sender: SimPeer) -> None:
         for data, dest in sender.mesh.datagrams_to_send():
@@ -157,13 +164,14 @@ class SimNet:
                 self._schedule_timer(receiver)
         else:
             peer, mesh = item  # type: ignore[misc]
-            if not peer.alive or peer.mesh is not mesh:
-                return True
+            if not peer.alive or peer.mesh is not mesh or peer.timer_at != when:
+                return True  # stale: a crashed peer, an old incarnation, or a superseded timer
+            peer.timer_at = None
             deadline = mesh.next_deadline()
             if deadline is None:
                 return True
             if deadline > self.now + 1e-9:
-                self._push(deadline, "timer", (peer, mesh))
+                self._schedule_timer(peer)
                 return True
             mesh.handle_timer(self.now)
             self._flush(peer)
@@ -171,7 +179,11 @@ class SimNet:
         return True
 
     def run_for(self, seconds: float) -> None:
-        self.run_until(lambda: False, seconds)
+        """Advance virtual time by ``seconds``, delivering and firing everything due meanwhile."""
+        end = self.now + seconds
+        while self._heap and self._heap[0][0] <= end:
+            self.step()
+        self.now = end
 
     def run_until(self, predicate: Callable[[], bool], timeout: float, check_every: float = 0.25) -> float:
         """Advance until ``predicate()`` holds (checked every ``check_every`` virtual seconds); return the

@@ -9,16 +9,17 @@ from hypothesis import strategies as st
 
 from tests.unit.strategies import endpoints, entries, names
 from weaved.core import gossip
+from weaved.core.types import PeerUID, ShortID
 from weaved.core.wire import (
     MAX_DATAGRAM,
     PROTOCOL_MAX,
     DecodeError,
     DigestItem,
+    Goodbye,
     GossipDigest,
     GossipRequest,
     GossipSummary,
     GossipUpdate,
-    Goodbye,
     Heartbeat,
     Hello,
     HelloAck,
@@ -28,7 +29,6 @@ from weaved.core.wire import (
     decode,
     encode,
 )
-from weaved.core.types import PeerUID, ShortID
 
 uids = st.integers(0, 2**64 - 1).map(PeerUID)
 short_ids = st.integers(0, 4095).map(ShortID)

@@ -427,6 +427,9 @@ class MeshPeer:
         if reject.code == "collision":
             target.give_up = True
             self._events.append(NameCollision(str(source), self.identity.name, self.identity.nickname))
+        elif reject.code == "limit":
+            # A full peer stays full for a while: retrying it at the backoff floor only makes noise.
+            target.next_attempt = now + self.config.backoff.cap * (0.5 + self._rng.random())
         elif reject.code == "unknown-connection":
             target.attempts, target.next_attempt = 0, now
 
@@ -501,12 +504,24 @@ class MeshPeer:
         return not (target.give_up or target.is_self or target.address in self._conns)
 
     def _dial_targets(self, now: float) -> None:
+        """Dial due targets. Direct ones all at once; learnt ones one at a time, because in a large
+        mesh there are hundreds of them and most peers may already be at their connection limit."""
         connected = self._connected_names()
+        learnt_in_flight = any(
+            c.state is ConnState.CONNECTING and (t := self._targets.get(c.address)) is not None
+            and t.source is TargetSource.LEARNT
+            for c in self._conns.values()
+        )
         for target in list(self._targets.values()):
             if len(self._conns) >= self.config.conn_limit:
                 return
             if not self._dialable(target) or target.next_attempt > now:
                 continue
+            if target.source is TargetSource.LEARNT:
+                if learnt_in_flight:
+                    target.next_attempt = now + self.config.hello_interval
+                    continue
+                learnt_in_flight = True
             if target.known_name in connected:
                 target.next_attempt = now + self.config.backoff.cap
                 continue
