@@ -1,0 +1,141 @@
+"""Settings from flags and environment: Weave's variable names, flag precedence, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from weaved import cli
+from weaved.config import (
+    ConfigError,
+    HostPort,
+    Settings,
+    parse_host_port,
+    parse_peer_list,
+    parse_settings,
+)
+
+
+def settings(env: dict[str, str] | None = None, hostname: str = "node-0", **flags: Any) -> Settings:
+    return parse_settings(flags, env or {}, hostname)
+
+
+def test_defaults_follow_weave_net() -> None:
+    s = settings()
+    assert s.peers == ()
+    assert s.port == 6783
+    assert s.host == "0.0.0.0"
+    assert s.conn_limit == 200
+    assert s.http_addr == HostPort("127.0.0.1", 6784)
+    assert s.metrics_addr == HostPort("0.0.0.0", 6782)
+    assert s.nickname == "node-0"
+    assert s.state_dir == Path("/var/lib/weave")
+    assert (s.log_format, s.log_level) == ("console", "info")
+
+
+def test_environment_is_read_with_weave_names() -> None:
+    s = settings({
+        "WEAVE_PORT": "7000", "CONN_LIMIT": "30", "WEAVE_HTTP_ADDR": "127.0.0.1:7001",
+        "WEAVE_METRICS_ADDR": ":7002", "HOSTNAME": "worker-3", "WEAVE_STATE_DIR": "/tmp/w",
+        "WEAVE_LOG_FORMAT": "JSON", "WEAVE_LOG_LEVEL": "Debug",
+    })
+    assert (s.port, s.conn_limit) == (7000, 30)
+    assert s.http_addr == HostPort("127.0.0.1", 7001)
+    assert s.metrics_addr == HostPort("0.0.0.0", 7002), "':PORT' means every interface, as in Weave's ':6782'"
+    assert s.nickname == "worker-3"
+    assert s.state_dir == Path("/tmp/w")
+    assert (s.log_format, s.log_level) == ("json", "debug")
+
+
+def test_flags_win_over_environment() -> None:
+    env = {"WEAVE_PORT": "7000", "CONN_LIMIT": "30", "HOSTNAME": "from-env", "WEAVE_LOG_FORMAT": "json"}
+    s = settings(env, port="7100", conn_limit="5", nickname="from-flag", log_format="console")
+    assert (s.port, s.conn_limit, s.nickname, s.log_format) == (7100, 5, "from-flag", "console")
+
+
+def test_peers_from_flags_and_both_variables_space_or_comma_separated() -> None:
+    s = settings({"KUBE_PEERS": "10.0.0.2 10.0.0.3", "WEAVE_PEERS": "10.0.0.4,node-5:7000"},
+                 peer=["10.0.0.1:6790", "10.0.0.2"])
+    assert s.peers == (
+        HostPort("10.0.0.1", 6790),
+        HostPort("10.0.0.2", 6783),  # named twice (flag and KUBE_PEERS): kept once
+        HostPort("10.0.0.4", 6783),
+        HostPort("node-5", 7000),
+        HostPort("10.0.0.3", 6783),
+    )
+
+
+def test_peers_default_to_the_configured_port() -> None:
+    assert settings({"WEAVE_PORT": "7000"}, peer=["10.0.0.1"]).peers == (HostPort("10.0.0.1", 7000),)
+
+
+def test_peer_list_tolerates_mixed_separators_and_blanks() -> None:
+    assert parse_peer_list(" a ,, b\n\tc:1 ", 6783, "KUBE_PEERS") == [
+        HostPort("a", 6783), HostPort("b", 6783), HostPort("c", 1)]
+    assert parse_peer_list("", 6783, "KUBE_PEERS") == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("10.1.2.3", HostPort("10.1.2.3", 6783)),
+    ("10.1.2.3:99", HostPort("10.1.2.3", 99)),
+    ("node-1.example.org:100", HostPort("node-1.example.org", 100)),
+    ("[2001:db8::1]:5", HostPort("2001:db8::1", 5)),
+    ("[2001:db8::1]", HostPort("2001:db8::1", 6783)),
+    ("2001:db8::1", HostPort("2001:db8::1", 6783)),
+    (":6782", HostPort("0.0.0.0", 6782)),
+])
+def test_host_port_forms(text: str, expected: HostPort) -> None:
+    assert parse_host_port(text, 6783, "x") == expected
+
+
+def test_host_port_prints_ipv6_in_brackets() -> None:
+    assert str(HostPort("2001:db8::1", 5)) == "[2001:db8::1]:5"
+    assert str(HostPort("10.0.0.1", 5)) == "10.0.0.1:5"
+
+
+@pytest.mark.parametrize(("flags", "env", "fragment"), [
+    ({"port": "abc"}, {}, "--port/WEAVE_PORT: expected a whole number"),
+    ({}, {"WEAVE_PORT": "70000"}, "out of range"),
+    ({"port": "0"}, {}, "out of range"),
+    ({"conn_limit": "0"}, {}, "at least 1"),
+    ({}, {"CONN_LIMIT": "lots"}, "--conn-limit/CONN_LIMIT"),
+    ({"peer": ["10.0.0.1:x"]}, {}, "--peer: port must be a number"),
+    ({}, {"KUBE_PEERS": "bad_host!"}, "KUBE_PEERS: 'bad_host!' is neither an IP address nor a host name"),
+    ({"peer": ["[2001:db8::1]:6783"]}, {}, "IPv6 peers are not supported"),
+    ({"peer": ["[2001:db8::1"]}, {}, "malformed address"),
+    ({"http_addr": "127.0.0.1:99999"}, {}, "--http-addr/WEAVE_HTTP_ADDR: port 99999 out of range"),
+    ({"metrics_addr": "127.0.0.1:6784"}, {}, "must differ"),
+    ({"log_format": "xml"}, {}, "--log-format/WEAVE_LOG_FORMAT: 'xml' is not one of console, json"),
+    ({"log_level": "loud"}, {}, "--log-level"),
+    ({"host": "example.org"}, {}, "--host: 'example.org' is not an IPv4 address"),
+    ({"nickname": "  "}, {}, "--nickname: must not be empty"),
+    ({"nickname": "n" * 65}, {}, "at most 64 characters"),
+])
+def test_bad_values_give_one_line_errors(flags: dict[str, Any], env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(flags, env, "node-0")
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_nickname_falls_back_to_hostname_env_then_host_name_and_is_cut_to_fit() -> None:
+    assert settings({"HOSTNAME": "  "}, hostname="box").nickname == "box"
+    assert settings({}, hostname="").nickname == "weaved"
+    long_name = "a" * 50 + "." + "b" * 50
+    assert settings({"HOSTNAME": long_name}).nickname == long_name[:64]
+
+
+def test_cli_reports_a_bad_setting_in_one_line_with_status_2(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONN_LIMIT", "-3")
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err == "weaved: --conn-limit/CONN_LIMIT: must be at least 1, got -3\n"
+
+
+def test_cli_client_commands_reject_a_malformed_api_address(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--api", "127.0.0.1:notaport"]) == 2
+    assert capsys.readouterr().err.startswith("weaved: --api/WEAVE_HTTP_ADDR: port must be a number")

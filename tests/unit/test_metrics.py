@@ -1,0 +1,63 @@
+"""Metrics come from the status snapshot at scrape time, with stable series and Prometheus names."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from weaved.adapters.metrics import metrics_registry
+from weaved.core.status import ConnectionStatus, MeshStatus, PeerStatus
+
+
+def status(counters: dict[str, int], states: list[str]) -> MeshStatus:
+    return MeshStatus(
+        "aa:bb:cc:dd:ee:01", "n1", 1, 1, "weaved 1..1", 6783, 200,
+        peers=[PeerStatus("aa:bb:cc:dd:ee:01", "n1", 1, 1, 1, [], None),
+               PeerStatus("aa:bb:cc:dd:ee:02", "n2", 2, 1, 2, [], "aa:bb:cc:dd:ee:02"),
+               PeerStatus("aa:bb:cc:dd:ee:03", "n3", 3, 1, 3, [], None)],
+        connections=[ConnectionStatus(f"10.0.0.{i}:6783", True, s, None, None, "") for i, s in enumerate(states)],
+        targets=["10.0.0.9:6783"],
+        counters=counters,
+    )
+
+
+def scrape(snapshot: MeshStatus) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(metrics_registry(lambda: snapshot)).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_connections_by_state_always_export_every_known_state() -> None:
+    samples = scrape(status({}, ["established", "established", "failed"]))
+    assert samples[("weave_connections", (("state", "established"),))] == 2
+    assert samples[("weave_connections", (("state", "failed"),))] == 1
+    assert samples[("weave_connections", (("state", "pending"),))] == 0
+    assert samples[("weave_connections", (("state", "connecting"),))] == 0
+
+
+def test_peers_reachability_and_targets() -> None:
+    samples = scrape(status({}, []))
+    assert samples[("weave_peers", ())] == 3
+    assert samples[("weaved_reachable_peers", ())] == 1
+    assert samples[("weaved_targets", ())] == 1
+
+
+def test_counters_from_the_core_and_the_daemon() -> None:
+    samples = scrape(status({
+        "rx_datagrams": 7, "tx_datagrams": 9, "rx_bytes": 700, "tx_bytes": 900, "tx_gossip_bytes": 300,
+        "dropped_bad-field": 2, "dropped_unknown-sender": 1, "send_error_EPERM": 4,
+    }, []))
+    assert samples[("weaved_datagrams_total", (("direction", "rx"),))] == 7
+    assert samples[("weaved_datagrams_total", (("direction", "tx"),))] == 9
+    assert samples[("weaved_datagram_bytes_total", (("direction", "tx"),))] == 900
+    assert samples[("weaved_gossip_sent_bytes_total", ())] == 300
+    assert samples[("weaved_dropped_datagrams_total", (("reason", "bad-field"),))] == 2
+    assert samples[("weaved_dropped_datagrams_total", (("reason", "unknown-sender"),))] == 1
+    assert samples[("weaved_send_errors_total", (("errno", "EPERM"),))] == 4
+
+
+def test_each_scrape_reads_a_fresh_snapshot() -> None:
+    snapshots = iter([status({"rx_datagrams": 1}, []), status({"rx_datagrams": 5}, [])])
+    registry = metrics_registry(lambda: next(snapshots))
+    assert b'weaved_datagrams_total{direction="rx"} 1.0' in generate_latest(registry)
+    assert b'weaved_datagrams_total{direction="rx"} 5.0' in generate_latest(registry)

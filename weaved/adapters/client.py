@@ -1,0 +1,88 @@
+"""A small client for the daemon's local HTTP API, on the standard library only.
+
+The CLI's client commands (``weaved status``, ``report``, ``connect``, ``forget``) are short-lived: stdlib
+``urllib`` keeps them quick to start and free of the daemon's dependencies. Failures become one of two
+exceptions whose text is a single line for the operator: :class:`DaemonUnreachable` (nothing answers, the
+usual case being that the daemon is not running) and :class:`ApiError` (it answered, with an error).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+from weaved.config import DEFAULT_HTTP_ADDR, parse_host_port
+
+TIMEOUT = 5.0
+"""Seconds to wait for the daemon; it answers from memory, so anything longer means trouble."""
+
+
+class DaemonUnreachable(Exception):
+    """Nothing usable answers at the API address."""
+
+
+class ApiError(Exception):
+    """The daemon answered with an error status; ``str()`` is its explanation."""
+
+
+def api_address(flag: str | None, env: Mapping[str, str]) -> str:
+    """``--api``, else ``WEAVE_HTTP_ADDR``, else the default; a wildcard bind address means this host.
+
+    Returns ``host:port`` suitable for a URL. Raises :class:`~weaved.config.ConfigError` on a malformed address.
+    """
+    addr = parse_host_port(flag or env.get("WEAVE_HTTP_ADDR") or DEFAULT_HTTP_ADDR, 6784, "--api/WEAVE_HTTP_ADDR")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(addr.host, addr.host)
+    return f"[{host}]:{addr.port}" if ":" in host else f"{host}:{addr.port}"
+
+
+class Client:
+    """Requests to the daemon at ``address`` (``host:port``)."""
+
+    def __init__(self, address: str, timeout: float = TIMEOUT) -> None:
+        self.address = address
+        self._timeout = timeout
+
+    def request(self, method: str, path: str, params: Mapping[str, str] | None = None) -> str:
+        """The body of ``method path?params``; raises :class:`DaemonUnreachable` or :class:`ApiError`."""
+        url = f"http://{self.address}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                body: bytes = response.read()
+                return body.decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", errors="replace").strip() or exc.reason
+            raise ApiError(f"the daemon at {self.address} refused {method} {path}: {text}") from None
+        except urllib.error.URLError as exc:
+            raise DaemonUnreachable(self._unreachable(exc.reason)) from None
+        except (TimeoutError, ConnectionError) as exc:
+            raise DaemonUnreachable(self._unreachable(exc)) from None
+
+    def _unreachable(self, reason: Any) -> str:
+        why = getattr(reason, "strerror", None) or str(reason)
+        return (f"cannot reach the weaved daemon at {self.address} ({why.lower()}): is it running? "
+                f"Start it with 'weaved run', or point --api / WEAVE_HTTP_ADDR at it")
+
+    def report(self) -> dict[str, Any]:
+        text = self.request("GET", "/report")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise ApiError(f"{self.address} answered /report with something that is not JSON; "
+                           "is it a weaved daemon?") from None
+        if not isinstance(data, dict):
+            raise ApiError(f"{self.address} answered /report with unexpected JSON")
+        return data
+
+    def connect(self, peer: str) -> str:
+        return self.request("POST", "/connect", {"peer": peer})
+
+    def forget(self, peer: str) -> str:
+        return self.request("POST", "/forget", {"peer": peer})
+

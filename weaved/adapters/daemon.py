@@ -1,0 +1,277 @@
+"""``weaved run``: the daemon around one :class:`~weaved.core.mesh.MeshPeer`.
+
+Theory of operation
+-------------------
+One anyio task group on the asyncio backend holds everything:
+
+* the **pump** (:meth:`Node.pump`, run by the host task): wait for a datagram until the core's
+  ``next_deadline()``; feed it with ``receive_datagram`` or, once the deadline passed, ``handle_timer``;
+  then send whatever the core queued and log its events. Only the pump sends, so the socket never has two
+  writers; only this module reads the clock (``time.monotonic``), and passes ``now`` to the core.
+* the HTTP API and the metrics server (aiohttp, each a task from :func:`~weaved.adapters.webserver.serve_app`),
+* a resolver for ``--peer`` host names, retrying those DNS cannot answer yet,
+* the periodic ``mesh summary`` log line,
+* the signal watcher: SIGTERM/SIGINT make the core say goodbye to its neighbours; the pump sends the
+  goodbyes and returns, and the group is cancelled, so the process exits 0 within milliseconds.
+
+API handlers run on the same thread and call the core directly. When one adds a target, the next deadline
+moves earlier, so it **wakes** the pump by cancelling the scope the pump waits in; the pump then re-reads
+``next_deadline()`` and dials at once. anyio's UDP receive is cancel-safe (datagrams stay queued).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import structlog
+from anyio.abc import SocketAttribute, TaskStatus, UDPSocket
+
+import weaved
+from weaved.adapters.api import api_app
+from weaved.adapters.identity import IdentityError, load_identity
+from weaved.adapters.logs import configure_logging, describe_event, describe_summary, emit
+from weaved.adapters.metrics import metrics_app, metrics_registry
+from weaved.adapters.resolve import ResolveError, resolve
+from weaved.adapters.udp import DatagramSender, RawSocket
+from weaved.adapters.webserver import ListenError, serve_app
+from weaved.config import HostPort, Settings
+from weaved.core.mesh import MeshConfig, MeshPeer
+from weaved.core.status import MeshStatus
+from weaved.core.types import Endpoint, PeerIdentity
+
+SUMMARY_INTERVAL = 30.0
+"""Seconds between ``mesh summary`` log lines."""
+
+RESOLVE_RETRY_MIN = 1.0
+RESOLVE_RETRY_MAX = 60.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (port taken, unusable state directory); ``str()`` is one line."""
+
+
+class Node:
+    """Owns the core and the control socket; implements :class:`~weaved.adapters.api.MeshControl`."""
+
+    def __init__(self, peer: MeshPeer, udp: UDPSocket, raw: RawSocket,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``raw`` sends on the same socket as ``udp`` (see :mod:`weaved.adapters.udp` for why)."""
+        self.peer = peer
+        self._udp = udp
+        self._clock = clock
+        self._log = structlog.get_logger("weaved")
+        self.counters: Counter[str] = Counter()
+        """The daemon's own counts (send errors, internal errors), merged into the status snapshot."""
+        self._sender = DatagramSender(raw, self._send_when_full, self.counters, self._log)
+        self._wake_scope: anyio.CancelScope | None = None
+        self._ready = False
+        self._stopping = False
+
+    # --- MeshControl (the API's view) -------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def snapshot(self) -> MeshStatus:
+        status = self.peer.status(self._clock())
+        return dataclasses.replace(status, counters={**status.counters, **self.counters}, ready=self._ready)
+
+    async def connect(self, peer: HostPort) -> list[Endpoint]:
+        endpoints = await resolve(peer)
+        for endpoint in endpoints:
+            self.peer.add_target(endpoint, self._clock())
+        self.wake()
+        return endpoints
+
+    async def forget(self, peer: HostPort) -> list[Endpoint]:
+        endpoints = await resolve(peer)
+        for endpoint in endpoints:
+            self.peer.forget_target(endpoint)
+        return endpoints
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def set_ready(self) -> None:
+        self._ready = True
+
+    def wake(self) -> None:
+        """Make the pump re-read the core's deadline (after something moved it earlier)."""
+        if self._wake_scope is not None:
+            self._wake_scope.cancel()
+
+    def stop(self) -> None:
+        """Leave the mesh: the core queues goodbyes, the pump sends them and returns."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.peer.leave(self._clock())
+        self.wake()
+
+    # --- the pump ---------------------------------------------------------------------------------
+
+    async def pump(self) -> None:
+        """Drive the core until :meth:`stop`; the one place that feeds it datagrams and timers."""
+        while not self._stopping:
+            now = self._clock()
+            deadline = self.peer.next_deadline()
+            if deadline is not None and deadline <= now:
+                self.peer.handle_timer(now)
+                await anyio.lowlevel.checkpoint()  # a run of overdue timers must not starve the API
+            else:
+                received = await self._receive_until(math.inf if deadline is None else deadline - now)
+                if received is not None:
+                    self._deliver(*received)
+            await self._flush()
+        await self._flush()  # the goodbyes queued by leave()
+
+    async def _receive_until(self, timeout: float) -> tuple[bytes, tuple[str, int]] | None:
+        with anyio.move_on_after(timeout) as scope:
+            self._wake_scope = scope
+            try:
+                data, address = await self._udp.receive()
+                return data, (str(address[0]), int(address[1]))
+            finally:
+                self._wake_scope = None
+        return None
+
+    def _deliver(self, data: bytes, address: tuple[str, int]) -> None:
+        try:
+            source = Endpoint(*address)
+        except ValueError:
+            self.counters["dropped_bad-source"] += 1
+            return
+        try:
+            self.peer.receive_datagram(data, source, self._clock())
+        except Exception:
+            # A datagram from the network must never take the daemon down, even through a core bug.
+            self.counters["internal_errors"] += 1
+            self._log.exception("core failed on a datagram", address=str(source), size=len(data))
+
+    async def _flush(self) -> None:
+        for event in self.peer.events():
+            emit(self._log, describe_event(event))
+        for data, destination in self.peer.datagrams_to_send():
+            await self._sender.send(data, destination)
+
+    async def _send_when_full(self, data: bytes, host: str, port: int) -> None:
+        await self._udp.sendto(data, host, port)
+
+    # --- helper tasks -----------------------------------------------------------------------------
+
+    async def resolve_peers(self, peers: tuple[HostPort, ...]) -> None:
+        """Add ``--peer`` targets; names DNS cannot answer yet are retried with backoff."""
+        pending, delay = list(peers), RESOLVE_RETRY_MIN
+        while pending:
+            unresolved = []
+            for peer in pending:
+                try:
+                    endpoints = await resolve(peer)
+                except ResolveError as exc:
+                    self._log.warning("cannot resolve peer", peer=str(peer), error=str(exc), retry_in=delay)
+                    unresolved.append(peer)
+                    continue
+                for endpoint in endpoints:
+                    self.peer.add_target(endpoint, self._clock())
+                self.wake()
+            pending = unresolved
+            if pending:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RESOLVE_RETRY_MAX)
+
+    async def log_summaries(self, interval: float = SUMMARY_INTERVAL) -> None:
+        while True:
+            await anyio.sleep(interval)
+            emit(self._log, describe_summary(self.snapshot()))
+
+    async def watch_signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                self._log.info("leaving the mesh", signal=signal.Signals(signum).name)
+                self.stop()
+                return
+
+
+def sending_socket(udp: UDPSocket) -> socket.socket:
+    """A second handle on ``udp``'s socket (a duplicated descriptor) for direct, error-reporting sends.
+
+    asyncio only exposes a restricted wrapper of the transport's socket; a ``dup`` is a full socket object on
+    the same kernel socket (same port, same non-blocking mode) whose closing leaves the transport's alone.
+    """
+    raw = socket.socket(fileno=os.dup(udp.extra(SocketAttribute.raw_socket).fileno()))
+    raw.setblocking(False)
+    return raw
+
+
+async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], float] = time.monotonic) -> None:
+    """Run the daemon until SIGTERM/SIGINT; raises :class:`StartupError` or :class:`ListenError` early on."""
+    log = structlog.get_logger("weaved")
+    try:
+        udp = await anyio.create_udp_socket(local_host=settings.host, local_port=settings.port)
+    except OSError as exc:
+        raise StartupError(f"cannot bind UDP {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    async with udp:
+        with sending_socket(udp) as raw:
+            peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit),
+                            random.Random(), now=clock(), initial_version=int(time.time() * 1000))
+            node = Node(peer, udp, raw, clock)
+            registry = metrics_registry(node.snapshot)
+            log.info("weaved starting", version=weaved.__version__, name=identity.name, nickname=identity.nickname,
+                     short_id=identity.short_id, port=settings.port,
+                     peers=",".join(map(str, settings.peers)) or "-")
+            async with anyio.create_task_group() as tg:
+                await tg.start(node.watch_signals)
+                await tg.start(serve_app, api_app(node, registry), settings.http_addr, "the HTTP API")
+                await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
+                node.set_ready()
+                log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
+                tg.start_soon(node.resolve_peers, settings.peers)
+                tg.start_soon(node.log_summaries)
+                await node.pump()
+                tg.cancel_scope.cancel()
+    log.info("weaved stopped")
+
+
+def _startup_errors(group: BaseExceptionGroup[Any]) -> list[str]:
+    messages: list[str] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            messages += _startup_errors(exc)
+        else:
+            messages.append(str(exc))
+    return messages
+
+
+def run(settings: Settings) -> int:
+    """The ``weaved run`` command: exit status 0 after a clean leave, 1 when it cannot start."""
+    configure_logging(settings.log_format, settings.log_level)
+    log = structlog.get_logger("weaved")
+    try:
+        identity = load_identity(settings.state_dir, settings.nickname)
+    except IdentityError as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
+    failures: list[str] = []
+    interrupted = False
+    try:
+        anyio.run(serve, settings, identity, backend="asyncio")
+    except* (StartupError, ListenError) as group:  # a bare exception matches too, wrapped in a group
+        failures += _startup_errors(group)
+    except* KeyboardInterrupt:  # Ctrl-C before the signal watcher was installed
+        interrupted = True
+    for message in failures:
+        log.error("cannot start", error=message)
+    if failures:
+        return 1
+    return 130 if interrupted else 0

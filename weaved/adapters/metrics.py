@@ -1,0 +1,108 @@
+"""Prometheus metrics, read from the mesh's status snapshot at scrape time.
+
+Theory of operation
+-------------------
+The core already counts everything it does (``MeshStatus.counters``) and knows its connections and peers,
+so there is no second set of counters to keep in step: :class:`MeshCollector` takes a fresh snapshot on
+each scrape and turns it into metric families. Names follow Weave Net where it has one
+(``weave_connections{state}``, ``weave_peers``) and Prometheus conventions for ours (``weaved_*``,
+counters ending in ``_total``). Every known connection state is always exported, at 0 when empty, so that
+alerts like ``weave_connections{state="failed"} > 0`` do not depend on a series appearing.
+
+The collector sits in a registry of its own (plus the process collector), not the global default one,
+so tests and several daemons in one process never share series.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from weaved.adapters.udp import SEND_ERROR_PREFIX
+from weaved.core.status import MeshStatus
+from weaved.render import CONNECTION_STATE_ORDER
+
+DROPPED_PREFIX = "dropped_"
+
+
+def _labelled(counters: dict[str, int], prefix: str) -> list[tuple[str, int]]:
+    return sorted((key[len(prefix):], value) for key, value in counters.items() if key.startswith(prefix))
+
+
+class MeshCollector(Collector):
+    """Metric families for one peer, computed from ``snapshot()`` at each collection."""
+
+    def __init__(self, snapshot: Callable[[], MeshStatus]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._snapshot()
+        counters = status.counters
+
+        by_state = Counter(c.state for c in status.connections)
+        connections = GaugeMetricFamily("weave_connections", "Connections and attempts by state.", labels=["state"])
+        for state in [*CONNECTION_STATE_ORDER, *sorted(set(by_state) - set(CONNECTION_STATE_ORDER))]:
+            connections.add_metric([state], by_state[state])
+        yield connections
+
+        yield GaugeMetricFamily("weave_peers", "Peers in the topology, this one included.", value=len(status.peers))
+        reachable = sum(1 for p in status.peers if p.next_hop is not None)
+        yield GaugeMetricFamily("weaved_reachable_peers", "Other peers we have a route to.", value=reachable)
+        yield GaugeMetricFamily("weaved_targets", "Addresses we keep dialling.", value=len(status.targets))
+
+        datagrams = CounterMetricFamily("weaved_datagrams", "Control datagrams.", labels=["direction"])
+        datagrams.add_metric(["rx"], counters.get("rx_datagrams", 0))
+        datagrams.add_metric(["tx"], counters.get("tx_datagrams", 0))
+        yield datagrams
+
+        payload = CounterMetricFamily("weaved_datagram_bytes", "Control datagram payload bytes.", labels=["direction"])
+        payload.add_metric(["rx"], counters.get("rx_bytes", 0))
+        payload.add_metric(["tx"], counters.get("tx_bytes", 0))
+        yield payload
+
+        yield CounterMetricFamily("weaved_gossip_sent_bytes", "Bytes of gossip sent (updates, summaries, digests).",
+                                  value=counters.get("tx_gossip_bytes", 0))
+
+        dropped = CounterMetricFamily("weaved_dropped_datagrams", "Received datagrams dropped, by reason.",
+                                      labels=["reason"])
+        for reason, value in _labelled(counters, DROPPED_PREFIX):
+            dropped.add_metric([reason], value)
+        yield dropped
+
+        send_errors = CounterMetricFamily("weaved_send_errors", "Datagrams the kernel refused to send, by errno.",
+                                          labels=["errno"])
+        for errno_name, value in _labelled(counters, SEND_ERROR_PREFIX):
+            send_errors.add_metric([errno_name], value)
+        yield send_errors
+
+
+def metrics_registry(snapshot: Callable[[], MeshStatus]) -> CollectorRegistry:
+    """A registry with the mesh collector and process metrics (CPU, memory, open fds)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MeshCollector(snapshot))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp handler answering with ``registry`` in the Prometheus text format."""
+
+    async def handle(_: web.Request) -> web.StreamResponse:
+        response = web.Response(body=generate_latest(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    return handle
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """The application behind ``WEAVE_METRICS_ADDR``: ``GET /metrics`` only."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(registry))
+    return app

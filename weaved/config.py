@@ -1,0 +1,229 @@
+"""Daemon settings from command-line flags and the environment, with Weave Net's variable names.
+
+Theory of operation
+-------------------
+The DaemonSet manifest of Weave Net configures the router through environment variables (``KUBE_PEERS``,
+``CONN_LIMIT``, ``WEAVE_HTTP_ADDR`` …) while operators on a shell use flags. :func:`parse_settings` merges
+both (a flag wins over its variable, which wins over the default) into one frozen :class:`Settings`.
+
+It is a pure function of its inputs: the flags as a mapping, the environment as a mapping and the machine's
+host name as a string. Nothing here reads ``os.environ`` or the network, which keeps every rule testable.
+A bad value raises :class:`ConfigError` carrying one line meant for the operator; the CLI prints it and
+exits with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from weaved.core.wire import MAX_NICKNAME
+
+DEFAULT_PORT = 6783
+DEFAULT_CONN_LIMIT = 200
+DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
+DEFAULT_METRICS_ADDR = "0.0.0.0:6782"
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_STATE_DIR = "/var/lib/weave"
+LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+LogFormat = Literal["console", "json"]
+
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62})?)*\.?$")
+
+
+class ConfigError(ValueError):
+    """A setting the operator got wrong; ``str()`` is the one line to show them."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """An unresolved ``host:port``: the host is an IP literal or a DNS name (resolved by the daemon)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``weaved run`` needs to start, already validated."""
+
+    peers: tuple[HostPort, ...]
+    port: int
+    host: str
+    """IP the control socket binds (``0.0.0.0``: every interface, like Weave's router)."""
+    conn_limit: int
+    http_addr: HostPort
+    metrics_addr: HostPort
+    nickname: str
+    state_dir: Path
+    log_format: LogFormat
+    log_level: str
+
+
+def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
+    """``HOST``, ``HOST:PORT``, ``[IPv6]:PORT`` or a bare IPv6 literal; ``:PORT`` means every interface.
+
+    ``what`` names the setting in the error message, so the operator knows which value to fix.
+    """
+    raw = text.strip()
+    if not raw:
+        raise ConfigError(f"{what}: empty address")
+    host, port_text = raw, ""
+    if raw.startswith("["):
+        inner, sep, rest = raw[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{what}: malformed address {text!r} (expected [IPv6]:PORT)")
+        host, port_text = inner, rest[1:]
+    elif raw.count(":") == 1:
+        host, port_text = raw.split(":")
+        host = host or DEFAULT_HOST
+    port = _port(port_text, what, text) if port_text else default_port
+    _check_host(host, what, text)
+    return HostPort(host, port)
+
+
+def _port(text: str, what: str, whole: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"{what}: port must be a number in {whole!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{what}: port {port} out of range 1-65535")
+    return port
+
+
+def _check_host(host: str, what: str, whole: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host) or len(host) > 253:
+            raise ConfigError(f"{what}: {whole!r} is neither an IP address nor a host name") from None
+
+
+def parse_peer(text: str, default_port: int, what: str) -> HostPort:
+    """A peer address: like :func:`parse_host_port`, minus IPv6 (the control socket is IPv4 for now)."""
+    peer = parse_host_port(text, default_port, what)
+    if ":" in peer.host:
+        raise ConfigError(f"{what}: {text.strip()!r}: IPv6 peers are not supported yet (the control socket is IPv4)")
+    return peer
+
+
+def parse_peer_list(text: str, default_port: int, what: str) -> list[HostPort]:
+    """A ``KUBE_PEERS``-style list: addresses separated by spaces and/or commas."""
+    return [parse_peer(item, default_port, what) for item in re.split(r"[\s,]+", text) if item]
+
+
+def _int_setting(flag: Any, env: Mapping[str, str], var: str, default: int, what: str) -> int:
+    raw = flag if flag is not None else env.get(var, "").strip() or None
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a whole number, got {raw!r}") from None
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in choices:
+        raise ConfigError(f"{what}: {value!r} is not one of {', '.join(choices)}")
+    return lowered
+
+
+def _nickname(flag: str | None, env: Mapping[str, str], hostname: str) -> str:
+    """``--nickname``, else ``HOSTNAME`` (the node name in Weave's DaemonSet), else the host name.
+
+    An explicit nickname longer than the wire allows is an error; a derived one is cut to fit instead,
+    because refusing to start on a long FQDN would be a poor reason for a node to stay off the mesh.
+    """
+    if flag is not None:
+        nickname = flag.strip()
+        if not nickname:
+            raise ConfigError("--nickname: must not be empty")
+        if len(nickname) > MAX_NICKNAME:
+            raise ConfigError(f"--nickname: at most {MAX_NICKNAME} characters, got {len(nickname)}")
+        return nickname
+    derived = env.get("HOSTNAME", "").strip() or hostname.strip() or "weaved"
+    return derived[:MAX_NICKNAME]
+
+
+def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: str) -> Settings:
+    """Merge flags (argparse's namespace as a dict, ``None`` = not given) over the environment.
+
+    Raises :class:`ConfigError` with a one-line message on the first bad value.
+    """
+    port = _int_setting(flags.get("port"), env, "WEAVE_PORT", DEFAULT_PORT, "--port/WEAVE_PORT")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port/WEAVE_PORT: {port} out of range 1-65535")
+    conn_limit = _int_setting(flags.get("conn_limit"), env, "CONN_LIMIT", DEFAULT_CONN_LIMIT,
+                              "--conn-limit/CONN_LIMIT")
+    if conn_limit < 1:
+        raise ConfigError(f"--conn-limit/CONN_LIMIT: must be at least 1, got {conn_limit}")
+
+    host = flags.get("host") or DEFAULT_HOST
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ConfigError(f"--host: {host!r} is not an IPv4 address") from None
+
+    peers: list[HostPort] = []
+    for item in flags.get("peer") or []:
+        peers.extend(parse_peer_list(item, port, "--peer"))
+    for var in ("WEAVE_PEERS", "KUBE_PEERS"):
+        peers.extend(parse_peer_list(env.get(var, ""), port, var))
+
+    http_addr = parse_host_port(flags.get("http_addr") or env.get("WEAVE_HTTP_ADDR") or DEFAULT_HTTP_ADDR,
+                                6784, "--http-addr/WEAVE_HTTP_ADDR")
+    metrics_addr = parse_host_port(
+        flags.get("metrics_addr") or env.get("WEAVE_METRICS_ADDR") or DEFAULT_METRICS_ADDR,
+        6782, "--metrics-addr/WEAVE_METRICS_ADDR")
+    if http_addr == metrics_addr:
+        raise ConfigError(f"--http-addr and --metrics-addr must differ, both are {http_addr}")
+
+    state_dir_text = flags.get("state_dir") or env.get("WEAVE_STATE_DIR") or DEFAULT_STATE_DIR
+    log_format = _choice(flags.get("log_format") or env.get("WEAVE_LOG_FORMAT") or "console", LOG_FORMATS,
+                         "--log-format/WEAVE_LOG_FORMAT")
+    log_level = _choice(flags.get("log_level") or env.get("WEAVE_LOG_LEVEL") or "info", LOG_LEVELS,
+                        "--log-level/WEAVE_LOG_LEVEL")
+    return Settings(
+        peers=tuple(dict.fromkeys(peers)),  # a peer named twice (flag and KUBE_PEERS) is dialled once
+        port=port,
+        host=host,
+        conn_limit=conn_limit,
+        http_addr=http_addr,
+        metrics_addr=metrics_addr,
+        nickname=_nickname(flags.get("nickname"), env, hostname),
+        state_dir=Path(state_dir_text),
+        log_format="json" if log_format == "json" else "console",
+        log_level=log_level,
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``weaved run``. Defaults stay ``None`` so :func:`parse_settings` can fall back to env."""
+    parser.add_argument("--peer", action="append", metavar="HOST[:PORT]",
+                        help="peer to connect to (repeatable); also WEAVE_PEERS / KUBE_PEERS")
+    parser.add_argument("--port", metavar="PORT", help=f"UDP control port (WEAVE_PORT, default {DEFAULT_PORT})")
+    parser.add_argument("--host", metavar="IP", help=f"IPv4 address the control socket binds (default {DEFAULT_HOST})")
+    parser.add_argument("--conn-limit", metavar="N",
+                        help=f"most connections held (CONN_LIMIT, default {DEFAULT_CONN_LIMIT})")
+    parser.add_argument("--http-addr", metavar="ADDR",
+                        help=f"local HTTP API address (WEAVE_HTTP_ADDR, default {DEFAULT_HTTP_ADDR})")
+    parser.add_argument("--metrics-addr", metavar="ADDR",
+                        help=f"Prometheus metrics address (WEAVE_METRICS_ADDR, default {DEFAULT_METRICS_ADDR})")
+    parser.add_argument("--nickname", help="human-readable peer name (default: HOSTNAME, else the host name)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help=f"where the peer name is kept (WEAVE_STATE_DIR, default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--log-format", metavar="FORMAT", help="console or json (WEAVE_LOG_FORMAT, default console)")
+    parser.add_argument("--log-level", metavar="LEVEL",
+                        help="debug, info, warning or error (WEAVE_LOG_LEVEL, default info)")

@@ -1,0 +1,104 @@
+"""Text views of a :class:`~weaved.core.status.MeshStatus`, shaped like ``weave status``.
+
+Pure functions from a snapshot to text: the HTTP API serves them and the CLI prints them after fetching
+``/report``, so both show the same thing. Operators who know Weave Net's output (and scripts that grep it)
+find the same labels, the same right-aligned columns and the same ``<-``/``->`` arrows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus
+
+CONNECTION_STATE_ORDER = ("established", "pending", "connecting", "retrying", "failed")
+"""Order of the per-state counts in the ``Connections:`` line: healthy first, like Weave."""
+
+_LABEL_WIDTH = 15
+_ADDRESS_WIDTH = 21
+_STATE_WIDTH = 11
+_PEER_WIDTH = 36
+
+
+def label(name: str | None, nickname: str | None) -> str:
+    """Weave's ``name(nickname)``; the bare name when the nickname is unknown, ``?`` when both are."""
+    if name is None:
+        return "?"
+    return f"{name}({nickname})" if nickname else name
+
+
+def _arrow(outbound: bool) -> str:
+    return "->" if outbound else "<-"
+
+
+def connection_counts(connections: list[ConnectionStatus]) -> str:
+    """``2 established, 1 failed``: non-zero states only, in :data:`CONNECTION_STATE_ORDER`."""
+    counts = Counter(c.state for c in connections)
+    known = [s for s in CONNECTION_STATE_ORDER if counts[s]]
+    other = sorted(s for s in counts if s not in CONNECTION_STATE_ORDER)
+    return ", ".join(f"{counts[s]} {s}" for s in known + other)
+
+
+def established_peer_connections(status: MeshStatus) -> int:
+    """Established connections over every peer's published list (each link counts once per end)."""
+    return sum(1 for p in status.peers for c in p.connections if c.established)
+
+
+def render_status(status: MeshStatus, version: str) -> str:
+    """The ``weave status`` summary for the router service."""
+    rows: list[tuple[str, str]] = [("Version", version), ("", "")]
+    conns = f"{len(status.connections)}"
+    if counts := connection_counts(status.connections):
+        conns += f" ({counts})"
+    peers = f"{len(status.peers)}"
+    if established := established_peer_connections(status):
+        peers += f" (with {established} established connections)"
+    rows += [
+        ("Service", "router"),
+        ("Protocol", status.protocol),
+        ("Name", label(status.name, status.nickname)),
+        ("Encryption", "disabled"),
+        ("PeerDiscovery", "enabled"),
+        ("Targets", str(len(status.targets))),
+        ("Connections", conns),
+        ("Peers", peers),
+    ]
+    return "".join(f"{key:>{_LABEL_WIDTH}}: {value}\n" if key else "\n" for key, value in rows)
+
+
+def render_connections(status: MeshStatus) -> str:
+    """One line per connection or failed attempt: direction, address, state, who, why."""
+    lines = []
+    for c in status.connections:
+        who = label(c.peer_name, c.peer_nickname) if c.peer_name else ""
+        detail = " ".join(part for part in (who, c.info) if part)
+        lines.append(f"{_arrow(c.outbound)} {c.address:<{_ADDRESS_WIDTH}} {c.state:<{_STATE_WIDTH}} {detail}".rstrip())
+    return "".join(line + "\n" for line in lines)
+
+
+def _peer_connection_line(c: PeerConnectionStatus) -> str:
+    state = "established" if c.established else "pending"
+    who = label(c.remote_name, c.remote_nickname)
+    return f"   {_arrow(c.outbound)} {c.address:<{_ADDRESS_WIDTH}} {who:<{_PEER_WIDTH}} {state}"
+
+
+def render_peers(status: MeshStatus) -> str:
+    """Every peer of the topology with the connections it publishes."""
+    lines = []
+    for p in status.peers:
+        lines.append(label(p.name, p.nickname))
+        lines.extend(_peer_connection_line(c) for c in p.connections)
+    return "".join(line + "\n" for line in lines)
+
+
+def render_targets(status: MeshStatus) -> str:
+    """One address per line, as ``weave status targets`` prints them."""
+    return "".join(t + "\n" for t in status.targets)
+
+
+VIEWS = {
+    "peers": render_peers,
+    "connections": render_connections,
+    "targets": render_targets,
+}
+"""The ``weaved status <view>`` sub-views, by name."""
