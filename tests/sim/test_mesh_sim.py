@@ -118,6 +118,8 @@ def test_graceful_leave_is_seen_at_once() -> None:
     net.leave("p3")
     took = net.run_until(lambda: all("p3" not in names_known(p) for p in net.alive()), 5)
     assert took < 1.5, "a goodbye should not wait for the heartbeat timeout"
+    reasons = {e.reason for p in net.alive() for e in p.events if isinstance(e, PeerLeft) and e.nickname == "p3"}
+    assert reasons == {"said goodbye"}
 
 
 def test_relay_through_a_third_peer_when_the_direct_link_is_blocked() -> None:

@@ -118,6 +118,7 @@ class MeshPeer:
         self._settle_due: float | None = None
         self._next_anti_entropy = now + config.anti_entropy_interval * rng.random()
         self._reachable: dict[PeerName, PeerUID] = {}
+        self._said_goodbye: set[PeerName] = set()
         self._sizes = gossip.EntrySizeCache()
 
     # --- adapter interface ------------------------------------------------------------------------
@@ -294,6 +295,7 @@ class MeshPeer:
             case Heartbeat():
                 pass
             case Goodbye():
+                self._said_goodbye.add(conn.remote.name)
                 self._remove_connection(conn, "peer left", now)
             case GossipUpdate():
                 self._merge(body.entries, now)
@@ -596,7 +598,9 @@ class MeshPeer:
                 self._events.append(PeerRestarted(name, entry.nickname))
         for name in self._reachable.keys() - reachable.keys():
             gone = entries.get(name)
-            self._events.append(PeerLeft(name, gone.nickname if gone else "?", "no longer reachable"))
+            reason = "said goodbye" if name in self._said_goodbye else "no longer reachable"
+            self._events.append(PeerLeft(name, gone.nickname if gone else "?", reason))
+        self._said_goodbye -= self._reachable.keys() - reachable.keys()
         self._reachable = reachable
         if self.topology.collect_garbage():
             self._prune_learnt_targets()

@@ -148,8 +148,10 @@ def is_our_process(pid: int, marker: str, starttime: int | None) -> bool:
     stat = proc_stat(pid)
     if stat is None or stat[0] in ("Z", "X"):
         return False
-    if starttime is not None and stat[1] != starttime:
-        return False
+    if starttime is not None:
+        # PID plus start time names one process for ever. The command line is no help here: right
+        # after spawning it may still be ours (between fork and exec), which read as "daemon exited".
+        return stat[1] == starttime
     cmdline = proc_cmdline(pid)
     return cmdline is not None and any(marker in arg for arg in cmdline)
 

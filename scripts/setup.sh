@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what weaved and its tests need on a Debian/Ubuntu machine, into a venv at .venv.
+# Idempotent: a second run only checks. Used by scripts/lab.sh, scripts/test.sh and .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "weaved setup: run as root (network namespaces need it): sudo $0" >&2
+  exit 1
+fi
+
+# Debian packages: the kernel tools the lab and the tests drive.
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "weaved setup: installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"weaved needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+PY
+
+# The venv keeps us clear of the system Python (PEP 668 on Debian 12).
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+extras="${WEAVED_EXTRAS:-}"
+stamp=".venv/.weaved-installed${extras:+-$extras}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  touch "$stamp"
+fi
