@@ -114,6 +114,8 @@ class MeshPeer:
             PeerEntry(identity.name, identity.nickname, identity.uid, initial_version, identity.short_id, ())
         )
         self._pending_gossip: set[PeerName] = set()
+        self._gossip_source: dict[PeerName, PeerName] = {}
+        """For each pending entry, the neighbour it came from (skipped when forwarding it)."""
         self._gossip_due: float | None = None
         self._settle_due: float | None = None
         self._next_anti_entropy = now + config.anti_entropy_interval * rng.random()
@@ -298,7 +300,7 @@ class MeshPeer:
                 self._said_goodbye.add(conn.remote.name)
                 self._remove_connection(conn, "peer left", now)
             case GossipUpdate():
-                self._merge(body.entries, now)
+                self._merge(body.entries, now, conn.remote.name)
             case GossipSummary():
                 if body.digest_hash != self.topology.digest_hash():
                     self._send_digest(conn.address)
@@ -564,12 +566,14 @@ class MeshPeer:
         self._queue_gossip([own.name], now)
         self._after_topology_change(now)
 
-    def _merge(self, entries: tuple[PeerEntry, ...], now: float) -> None:
+    def _merge(self, entries: tuple[PeerEntry, ...], now: float, source: PeerName) -> None:
         result = self.topology.merge(entries)
         if result.own_conflict is not None:
             own = self.topology.own
             self._replace_own(result.own_conflict.version + 1, own.short_id, own.connections, now)
         if result.improved:
+            for entry in result.improved:
+                self._gossip_source[entry.name] = source
             self._queue_gossip([e.name for e in result.improved], now)
             self._after_topology_change(now, result.improved)
 
@@ -644,13 +648,17 @@ class MeshPeer:
     def _flush_gossip(self) -> None:
         self._gossip_due = None
         entries = [self.topology.entries[n] for n in sorted(self._pending_gossip) if n in self.topology.entries]
+        sources, self._gossip_source = self._gossip_source, {}
         self._pending_gossip.clear()
         neighbours = self._established()
         if not entries or not neighbours:
             return
         count = gossip.fanout(len(self.topology.entries), len(neighbours))
         for conn in self._rng.sample(neighbours, count):
-            self._send_entries(conn.address, entries)
+            assert conn.remote is not None
+            # The neighbour we heard an entry from has it already: sending it back is pure overhead.
+            news = [e for e in entries if sources.get(e.name) != conn.remote.name]
+            self._send_entries(conn.address, news)
 
     def _send_entries(self, address: Endpoint, entries: list[PeerEntry]) -> None:
         for part in gossip.chunk(entries, self._sizes.size):
