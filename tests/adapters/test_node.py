@@ -1,19 +1,21 @@
-"""The daemon's pump driven in-process over real loopback UDP: wake-up, leave, bad input, summaries."""
+"""The daemon's pump driven in-process over real loopback UDP: wake-up, leave, bad input, bursts, summaries."""
 
 from __future__ import annotations
 
 import io
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 import pytest
 from anyio.abc import SocketAttribute, TaskGroup, UDPSocket
 
-from weaved.adapters.daemon import Node, sending_socket
+from weaved.adapters.daemon import RECEIVE_BATCH, Node
 from weaved.adapters.logs import configure_logging, reset_logging
+from weaved.adapters.udp import open_control_socket
 from weaved.config import HostPort
 from weaved.core.mesh import MeshConfig, MeshPeer
 from weaved.core.types import Endpoint, PeerIdentity, PeerUID, default_short_id, derive_peer_name
@@ -49,13 +51,17 @@ def logs() -> Iterator[io.StringIO]:
     reset_logging()
 
 
+@contextmanager
+def loopback_node(nickname: str) -> Iterator[Node]:
+    """A node on its own control socket on 127.0.0.1 (a port the kernel picks), its pump not started."""
+    with open_control_socket("127.0.0.1", 0) as sock:
+        config = MeshConfig(port=sock.getsockname()[1], anti_entropy_interval=QUIET.anti_entropy_interval)
+        yield Node(MeshPeer(identity(nickname), config, random.Random(7), now=time.monotonic()), sock)
+
+
 @asynccontextmanager
 async def running_node(tg: TaskGroup, nickname: str) -> AsyncIterator[Node]:
-    async with AsyncExitStack() as stack:
-        udp = await stack.enter_async_context(await anyio.create_udp_socket(local_host="127.0.0.1"))
-        raw = stack.enter_context(sending_socket(udp))
-        config = MeshConfig(port=port_of(udp), anti_entropy_interval=QUIET.anti_entropy_interval)
-        node = Node(MeshPeer(identity(nickname), config, random.Random(7), now=time.monotonic()), udp, raw)
+    with loopback_node(nickname) as node:
         done = anyio.Event()
 
         async def pump() -> None:
@@ -105,6 +111,28 @@ async def test_garbage_costs_a_counter_not_the_pump() -> None:
         await node.connect(HostPort("127.0.0.1", port_of(far)))
         with anyio.fail_after(1):
             await far.receive()  # still pumping
+
+
+BURST = 300
+"""Well over the 100 datagrams anyio's UDP socket kept (it silently dropped older ones), and over
+:data:`RECEIVE_BATCH`; yet small enough for a default-sized kernel buffer (``net.core.rmem_max`` = 208 KiB
+holds some 500 tiny datagrams)."""
+
+
+async def test_a_burst_that_arrives_before_the_pump_reads_is_not_lost() -> None:
+    assert max(100, RECEIVE_BATCH) < BURST
+    with loopback_node("a") as node, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as far:
+        for i in range(BURST):  # malformed, distinct: each one is counted, none is answered
+            far.sendto(b"\xc1" + i.to_bytes(2, "big"), ("127.0.0.1", node.peer.config.port))
+        await anyio.sleep(0.1)  # the event loop runs; nothing reads the socket until the pump does
+        assert node.snapshot().counters.get("rx_datagrams", 0) == 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(node.pump)
+            await until(lambda: node.snapshot().counters.get("rx_datagrams", 0) >= BURST, "the whole burst was read")
+            node.stop()
+    counters = node.snapshot().counters
+    assert counters["rx_datagrams"] == BURST
+    assert sum(v for k, v in counters.items() if k.startswith("dropped_")) == BURST
 
 
 async def test_summaries_are_logged_periodically(logs: io.StringIO) -> None:

@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 One anyio task group on the asyncio backend holds everything:
 
-* the **pump** (:meth:`Node.pump`, run by the host task): wait for a datagram until the core's
-  ``next_deadline()``; feed it with ``receive_datagram`` or, once the deadline passed, ``handle_timer``;
-  then send whatever the core queued and log its events. Only the pump sends, so the socket never has two
-  writers; only this module reads the clock (``time.monotonic``), and passes ``now`` to the core.
+* the **pump** (:meth:`Node.pump`, run by the host task): wait until the control socket is readable or
+  the core's ``next_deadline()`` passed; feed the core what the kernel holds (``receive_datagram``, at most
+  :data:`RECEIVE_BATCH` datagrams per wake-up so timers and the API get their turn) or, once the deadline
+  passed, ``handle_timer``; then send whatever the core queued and log its events. The control socket is a
+  plain non-blocking socket (see :mod:`weaved.adapters.udp` for why) that only the pump reads and writes;
+  only this module reads the clock (``time.monotonic``), and passes ``now`` to the core.
 * the HTTP API and the metrics server (aiohttp, each a task from :func:`~weaved.adapters.webserver.serve_app`),
 * a resolver for ``--peer`` host names, retrying those DNS cannot answer yet,
 * the periodic ``mesh summary`` log line,
@@ -16,14 +18,14 @@ One anyio task group on the asyncio backend holds everything:
 
 API handlers run on the same thread and call the core directly. When one adds a target, the next deadline
 moves earlier, so it **wakes** the pump by cancelling the scope the pump waits in; the pump then re-reads
-``next_deadline()`` and dials at once. anyio's UDP receive is cancel-safe (datagrams stay queued).
+``next_deadline()`` and dials at once. The pump only waits for readability, so a cancelled wait loses
+nothing: the datagrams stay in the kernel's receive buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 import signal
 import socket
@@ -35,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import SocketAttribute, TaskStatus, UDPSocket
+from anyio.abc import TaskStatus
 
 import weaved
 from weaved.adapters.api import api_app
@@ -43,7 +45,7 @@ from weaved.adapters.identity import IdentityError, load_identity
 from weaved.adapters.logs import configure_logging, describe_event, describe_summary, emit
 from weaved.adapters.metrics import metrics_app, metrics_registry
 from weaved.adapters.resolve import ResolveError, resolve
-from weaved.adapters.udp import DatagramSender, RawSocket
+from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSender, errno_name, open_control_socket
 from weaved.adapters.webserver import ListenError, serve_app
 from weaved.config import HostPort, Settings
 from weaved.core.mesh import MeshConfig, MeshPeer
@@ -56,6 +58,9 @@ SUMMARY_INTERVAL = 30.0
 RESOLVE_RETRY_MIN = 1.0
 RESOLVE_RETRY_MAX = 60.0
 
+RECEIVE_BATCH = 256
+"""Datagrams the pump reads per wake-up at most; the rest wait in the kernel's buffer for the next turn."""
+
 
 class StartupError(Exception):
     """The daemon cannot start (port taken, unusable state directory); ``str()`` is one line."""
@@ -64,16 +69,16 @@ class StartupError(Exception):
 class Node:
     """Owns the core and the control socket; implements :class:`~weaved.adapters.api.MeshControl`."""
 
-    def __init__(self, peer: MeshPeer, udp: UDPSocket, raw: RawSocket,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """``raw`` sends on the same socket as ``udp`` (see :mod:`weaved.adapters.udp` for why)."""
+    def __init__(self, peer: MeshPeer, sock: socket.socket, clock: Callable[[], float] = time.monotonic) -> None:
+        """``sock`` is the bound, non-blocking control socket (:func:`~weaved.adapters.udp.open_control_socket`);
+        the caller closes it after :meth:`pump` returned."""
         self.peer = peer
-        self._udp = udp
+        self._sock = sock
         self._clock = clock
         self._log = structlog.get_logger("weaved")
         self.counters: Counter[str] = Counter()
-        """The daemon's own counts (send errors, internal errors), merged into the status snapshot."""
-        self._sender = DatagramSender(raw, self._send_when_full, self.counters, self._log)
+        """The daemon's own counts (send/receive errors, internal errors), merged into the status snapshot."""
+        self._sender = DatagramSender(sock, self.counters, self._log)
         self._wake_scope: anyio.CancelScope | None = None
         self._ready = False
         self._stopping = False
@@ -128,22 +133,33 @@ class Node:
             if deadline is not None and deadline <= now:
                 self.peer.handle_timer(now)
                 await anyio.lowlevel.checkpoint()  # a run of overdue timers must not starve the API
-            else:
-                received = await self._receive_until(math.inf if deadline is None else deadline - now)
-                if received is not None:
-                    self._deliver(*received)
+            elif await self._readable_within(math.inf if deadline is None else deadline - now):
+                self._drain()
             await self._flush()
         await self._flush()  # the goodbyes queued by leave()
 
-    async def _receive_until(self, timeout: float) -> tuple[bytes, tuple[str, int]] | None:
+    async def _readable_within(self, timeout: float) -> bool:
+        """Wait for a datagram to arrive, for ``timeout`` seconds at most or until :meth:`wake`."""
         with anyio.move_on_after(timeout) as scope:
             self._wake_scope = scope
             try:
-                data, address = await self._udp.receive()
-                return data, (str(address[0]), int(address[1]))
+                await anyio.wait_readable(self._sock)
+                return True
             finally:
                 self._wake_scope = None
-        return None
+        return False
+
+    def _drain(self) -> None:
+        """Feed the core the datagrams the kernel holds, :data:`RECEIVE_BATCH` at most."""
+        for _ in range(RECEIVE_BATCH):
+            try:
+                data, address = self._sock.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # not expected on an unconnected socket; counted rather than fatal
+                self.counters[RECEIVE_ERROR_PREFIX + errno_name(exc)] += 1
+                return
+            self._deliver(data, (str(address[0]), int(address[1])))
 
     def _deliver(self, data: bytes, address: tuple[str, int]) -> None:
         try:
@@ -163,9 +179,6 @@ class Node:
             emit(self._log, describe_event(event))
         for data, destination in self.peer.datagrams_to_send():
             await self._sender.send(data, destination)
-
-    async def _send_when_full(self, data: bytes, host: str, port: int) -> None:
-        await self._udp.sendto(data, host, port)
 
     # --- helper tasks -----------------------------------------------------------------------------
 
@@ -203,43 +216,30 @@ class Node:
                 return
 
 
-def sending_socket(udp: UDPSocket) -> socket.socket:
-    """A second handle on ``udp``'s socket (a duplicated descriptor) for direct, error-reporting sends.
-
-    asyncio only exposes a restricted wrapper of the transport's socket; a ``dup`` is a full socket object on
-    the same kernel socket (same port, same non-blocking mode) whose closing leaves the transport's alone.
-    """
-    raw = socket.socket(fileno=os.dup(udp.extra(SocketAttribute.raw_socket).fileno()))
-    raw.setblocking(False)
-    return raw
-
-
 async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], float] = time.monotonic) -> None:
     """Run the daemon until SIGTERM/SIGINT; raises :class:`StartupError` or :class:`ListenError` early on."""
     log = structlog.get_logger("weaved")
     try:
-        udp = await anyio.create_udp_socket(local_host=settings.host, local_port=settings.port)
+        sock = open_control_socket(settings.host, settings.port)
     except OSError as exc:
         raise StartupError(f"cannot bind UDP {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-    async with udp:
-        with sending_socket(udp) as raw:
-            peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit),
-                            random.Random(), now=clock(), initial_version=int(time.time() * 1000))
-            node = Node(peer, udp, raw, clock)
-            registry = metrics_registry(node.snapshot)
-            log.info("weaved starting", version=weaved.__version__, name=identity.name, nickname=identity.nickname,
-                     short_id=identity.short_id, port=settings.port,
-                     peers=",".join(map(str, settings.peers)) or "-")
-            async with anyio.create_task_group() as tg:
-                await tg.start(node.watch_signals)
-                await tg.start(serve_app, api_app(node, registry), settings.http_addr, "the HTTP API")
-                await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
-                node.set_ready()
-                log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
-                tg.start_soon(node.resolve_peers, settings.peers)
-                tg.start_soon(node.log_summaries)
-                await node.pump()
-                tg.cancel_scope.cancel()
+    with sock:
+        peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit),
+                        random.Random(), now=clock(), initial_version=int(time.time() * 1000))
+        node = Node(peer, sock, clock)
+        registry = metrics_registry(node.snapshot)
+        log.info("weaved starting", version=weaved.__version__, name=identity.name, nickname=identity.nickname,
+                 short_id=identity.short_id, port=settings.port, peers=",".join(map(str, settings.peers)) or "-")
+        async with anyio.create_task_group() as tg:
+            await tg.start(node.watch_signals)
+            await tg.start(serve_app, api_app(node, registry), settings.http_addr, "the HTTP API")
+            await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
+            node.set_ready()
+            log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
+            tg.start_soon(node.resolve_peers, settings.peers)
+            tg.start_soon(node.log_summaries)
+            await node.pump()
+            tg.cancel_scope.cancel()
     log.info("weaved stopped")
 
 
