@@ -93,28 +93,26 @@ async def ready(request: web.Request) -> web.Response:
     return _text("not ready\n", status=503)
 
 
-async def connect(request: web.Request) -> web.Response:
+async def _for_each_peer(request: web.Request, action: str) -> web.Response:
+    """Apply ``connect`` or ``forget`` to every ``peer`` argument; one line per resolved endpoint."""
     control = request.app[CONTROL_KEY]
+    method, verb = (control.connect, "connecting to") if action == "connect" else (control.forget, "forgot")
     lines = []
     for peer in await _peer_args(request):
         try:
-            endpoints = await control.connect(peer)
+            endpoints = await method(peer)
         except ResolveError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
-        lines += [f"connecting to {ep}" for ep in endpoints]
+        lines += [f"{verb} {ep}" for ep in endpoints]
     return _text("".join(line + "\n" for line in lines))
+
+
+async def connect(request: web.Request) -> web.Response:
+    return await _for_each_peer(request, "connect")
 
 
 async def forget(request: web.Request) -> web.Response:
-    control = request.app[CONTROL_KEY]
-    lines = []
-    for peer in await _peer_args(request):
-        try:
-            endpoints = await control.forget(peer)
-        except ResolveError as exc:
-            raise web.HTTPBadRequest(text=f"{exc}\n") from None
-        lines += [f"forgot {ep}" for ep in endpoints]
-    return _text("".join(line + "\n" for line in lines))
+    return await _for_each_peer(request, "forget")
 
 
 def api_app(control: MeshControl, registry: CollectorRegistry | None = None) -> web.Application:
