@@ -190,3 +190,20 @@ def test_malformed_datagrams_are_counted_not_fatal() -> None:
     assert sum(v for k, v in counters.items() if k.startswith("dropped_")) >= 3
     net.run_for(2.0)
     assert net.converged()
+
+
+def test_late_joiner_is_taken_even_when_its_contacts_are_full() -> None:
+    net = build(20, seed=14, fan_in=19, config=MeshConfig(conn_limit=3))
+    converge(net)
+    contacts = [0, 1]
+    assert all(net.peers[f"p{i}"].mesh.status(net.now).established >= 3 for i in contacts)
+    late = net.add_peer("late", [net.address_of(i) for i in contacts], index=20)
+    converge(net, timeout=60)
+    assert late.mesh.status(net.now).established >= 1
+    assert max(p.mesh.status(net.now).established for p in net.alive()) <= 3 + 1
+
+
+def test_full_peers_refuse_connected_peers_beyond_the_limit() -> None:
+    net = build(20, seed=15, fan_in=19, config=MeshConfig(conn_limit=3))
+    converge(net)
+    assert all(len(p.mesh._conns) <= 3 + 1 for p in net.alive())

@@ -34,7 +34,8 @@ uids = st.integers(0, 2**64 - 1).map(PeerUID)
 short_ids = st.integers(0, 4095).map(ShortID)
 overlays = st.lists(st.sampled_from(["sleeve", "fastdp"]), max_size=2).map(tuple)
 bodies = st.one_of(
-    st.builds(Hello, st.integers(0, 255), st.integers(0, 255), st.text(max_size=64), short_ids, overlays),
+    st.builds(Hello, st.integers(0, 255), st.integers(0, 255), st.text(max_size=64), short_ids, overlays,
+              st.integers(0, 1 << 32)),
     st.builds(HelloAck, st.just(PROTOCOL_MAX), st.text(max_size=64), short_ids, overlays),
     st.builds(Reject, st.text(max_size=32), st.text(max_size=256)),
     st.just(Heartbeat()),
@@ -99,7 +100,7 @@ def test_rejects_with_reasons() -> None:
 def test_hello_of_a_future_version_still_decodes() -> None:
     """A peer speaking only version 9 must still be understood well enough to be told why not."""
     sender = b"\x02\x00\x00\x00\x00\x01"
-    data = msgpack.packb(["wv", 9, 1, sender, 7, [9, 9, "future", 3, ["sleeve"]]], use_bin_type=True)
+    data = msgpack.packb(["wv", 9, 1, sender, 7, [9, 9, "future", 3, ["sleeve"], 0]], use_bin_type=True)
     message = decode(data)
     assert isinstance(message.body, Hello) and message.body.version_min == 9
 

@@ -73,7 +73,8 @@ class MeshConfig:
 
     port: int = 6783
     conn_limit: int = 200
-    """Most connections (established or in progress) we hold, like Weave's CONN_LIMIT."""
+    """Most connections (established or in progress) we hold, like Weave's CONN_LIMIT. A peer that the
+    reaches nobody yet is still accepted, up to a quarter more, so a late joiner is not stranded."""
     heartbeat_interval: float = 1.0
     dead_after: float = 6.0
     """Silence after which an established connection is declared failed."""
@@ -83,6 +84,8 @@ class MeshConfig:
     gossip_delay: float = 0.2
     """Coalescing window: changes within it go out in one round."""
     anti_entropy_interval: float = 5.0
+    join_grace: float = 10.0
+    """How long after our first connection we count as settled and take isolated peers past the limit."""
     settle_delay: float = 0.2
     """Routes, join/leave events and garbage collection run this long after a burst of changes."""
     backoff: Backoff = field(default_factory=Backoff)
@@ -121,6 +124,8 @@ class MeshPeer:
         self._next_anti_entropy = now + config.anti_entropy_interval * rng.random()
         self._reachable: dict[PeerName, PeerUID] = {}
         self._said_goodbye: set[PeerName] = set()
+        self._connected_since: float | None = None
+        """When we last went from no established connection to one (start of being 'settled')."""
         self._sizes = gossip.EntrySizeCache()
 
     # --- adapter interface ------------------------------------------------------------------------
@@ -261,7 +266,8 @@ class MeshPeer:
         self.counters[f"dropped_{reason}"] += 1
 
     def _hello(self) -> Hello:
-        return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id, OVERLAYS)
+        return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id, OVERLAYS,
+                     len(self.topology.next_hops()))
 
     # --- receiving --------------------------------------------------------------------------------
 
@@ -379,7 +385,7 @@ class MeshPeer:
             self._remove_connection(conn, "peer restarted", now)
             conn = None
         if conn is None:
-            if len(self._conns) >= self.config.conn_limit:
+            if self._refuse_for_limit(hello.reachable, now):
                 self._send(source, Reject("limit", f"connection limit {self.config.conn_limit} reached"))
                 self._drop("conn-limit")
                 return
@@ -395,6 +401,16 @@ class MeshPeer:
         self._learn_target_name(source, remote.name)
         self._send(source, HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS), version)
         self._publish(now)
+
+    def _refuse_for_limit(self, their_reachable: int, now: float) -> bool:
+        """At the connection limit, still take a peer that reaches nobody (up to a quarter above the
+        limit): a late joiner whose every contact is full would else stay isolated for ever. Not while
+        we are starting ourselves, when every peer of a starting herd still reaches nobody."""
+        limit = self.config.conn_limit
+        if len(self._conns) < limit:
+            return False
+        settled = self._connected_since is not None and now - self._connected_since >= self.config.join_grace
+        return not settled or their_reachable > 0 or len(self._conns) >= limit + max(1, limit // 4)
 
     def _on_hello_ack(self, message: Message, ack: HelloAck, source: Endpoint, now: float) -> None:
         conn = self._conns.get(source)
@@ -449,6 +465,8 @@ class MeshPeer:
 
     def _establish(self, conn: Connection, now: float, reason: str) -> None:
         assert conn.remote is not None
+        if self._connected_since is None:
+            self._connected_since = now
         # A neighbour we could not reach before comes from another part of the network (a joining peer,
         # a healed partition): reconcile whole views by digest. One already reachable shares our view
         # up to gossip in flight, which anti-entropy covers, so the digest round is skipped at scale.
@@ -474,6 +492,8 @@ class MeshPeer:
     def _remove_connection(self, conn: Connection, reason: str, now: float, *, publish: bool = True,
                            new_state: str = "closed", quiet: bool = False) -> None:
         del self._conns[conn.address]
+        if not self._established():
+            self._connected_since = None
         if not quiet:
             self._events.append(ConnectionStateChanged(str(conn.address), conn.label(), conn.state.value,
                                                        new_state, reason))
@@ -525,6 +545,9 @@ class MeshPeer:
                 if learnt_in_flight:
                     target.next_attempt = now + self.config.hello_interval
                     continue
+                if self._looks_full(target.known_name):
+                    target.next_attempt = now + self.config.backoff.cap * (0.5 + self._rng.random())
+                    continue
                 learnt_in_flight = True
             if target.known_name in connected:
                 target.next_attempt = now + self.config.backoff.cap
@@ -536,6 +559,14 @@ class MeshPeer:
             self._conns[target.address] = conn
             self._conn_event(conn, "new", f"dialling {target.source.value} target")
             self._send(target.address, self._hello())
+
+    def _looks_full(self, name: PeerName | None) -> bool:
+        """Whether a peer's gossiped entry already lists as many connections as our own limit allows.
+
+        Peers of one cluster share CONN_LIMIT, so such a peer would refuse us; dialling it anyway only
+        adds HELLO/REJECT noise. With differing limits this is a guess, and the REJECT still corrects it."""
+        entry = self.topology.entries.get(name) if name is not None else None
+        return entry is not None and len(entry.connections) >= self.config.conn_limit
 
     def _learn_target_name(self, address: Endpoint, name: PeerName) -> None:
         target = self._targets.get(address)

@@ -91,6 +91,8 @@ class Hello:
     nickname: str
     short_id: ShortID
     overlays: tuple[str, ...]
+    reachable: int
+    """How many peers the sender reaches now; 0 marks an isolated peer that a full peer still takes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +235,8 @@ def _entry_raw(entry: PeerEntry) -> list[Any]:
 def _body_raw(body: Body) -> list[Any]:
     match body:
         case Hello():
-            return [body.version_min, body.version_max, body.nickname, body.short_id, list(body.overlays)]
+            return [body.version_min, body.version_max, body.nickname, body.short_id, list(body.overlays),
+                    body.reachable]
         case HelloAck():
             return [body.version, body.nickname, body.short_id, list(body.overlays)]
         case Reject():
@@ -358,10 +361,10 @@ def _overlays(raw: Any) -> tuple[str, ...]:
 def _body(msg_type: MsgType, raw: Any) -> Body:
     match msg_type:
         case MsgType.HELLO:
-            f = _list(raw, 5, "hello")
+            f = _list(raw, 6, "hello")
             return Hello(_int(f[0], 0, 255, "version_min"), _int(f[1], 0, 255, "version_max"),
                          _str(f[2], MAX_NICKNAME, "nickname"), ShortID(_int(f[3], 0, 4095, "short_id")),
-                         _overlays(f[4]))
+                         _overlays(f[4]), _int(f[5], 0, 1 << 32, "reachable"))
         case MsgType.HELLO_ACK:
             f = _list(raw, 4, "hello_ack")
             return HelloAck(_int(f[0], 0, 255, "version"), _str(f[1], MAX_NICKNAME, "nickname"),
