@@ -1,0 +1,214 @@
+"""The allocator on an in-process cluster: seeding by consensus, leases, space on demand, deadlines,
+rmpeer, and restarts from the persisted snapshot."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from weaved.core.ipam.allocator import Allocated, AllocationFailed, Allocator, AllocError, Completion
+from weaved.core.ipam.ring import AddressRange
+from weaved.core.ipam.seeding import parse_init
+from weaved.core.types import PeerName, peer_name_from_bytes
+
+NAMES = [peer_name_from_bytes(bytes([2, 0, 0, 0, 0, i])) for i in range(1, 6)]
+
+
+@dataclass
+class Cluster:
+    """Allocators joined by a lossless, ordered message queue; ``down`` peers hear nothing."""
+
+    cidr: str
+    count: int
+    init: str = "consensus"
+    now: float = 0.0
+    peers: dict[PeerName, Allocator] = field(default_factory=dict)
+    down: set[PeerName] = field(default_factory=set)
+    done: dict[PeerName, list[Completion]] = field(default_factory=dict)
+    disk: dict[PeerName, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in NAMES[: self.count]:
+            self.peers[name] = self._new(name, None)
+            self.done[name] = []
+        self.connect()
+
+    def _new(self, name: PeerName, snapshot: bytes | None) -> Allocator:
+        mode = parse_init(self.init, self.count)
+        return Allocator(name, AddressRange.from_cidr(self.cidr), mode, random.Random(NAMES.index(name)),
+                         timeout=10.0, snapshot=snapshot)
+
+    def live(self) -> list[PeerName]:
+        return [n for n in self.peers if n not in self.down]
+
+    def connect(self) -> None:
+        for name in self.live():
+            self.peers[name].set_reachable(set(self.live()) - {name}, self.now)
+
+    def pump(self, rounds: int = 200) -> None:
+        """Deliver messages (persisting first, as the daemon does) until quiet."""
+        for _ in range(rounds):
+            moved = False
+            for name in self.live():
+                alloc = self.peers[name]
+                if alloc.dirty:
+                    self.disk[name] = alloc.snapshot()
+                self.done[name] += alloc.completions()
+                for dst, payload in alloc.messages():
+                    moved = True
+                    for target in ([dst] if dst is not None else [n for n in self.live() if n != name]):
+                        if target in self.live():
+                            self.peers[target].receive(name, payload, self.now)
+            if not moved:
+                return
+        raise AssertionError("IPAM messages did not quiesce")
+
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now += step
+            for name in self.live():
+                alloc = self.peers[name]
+                deadline = alloc.next_deadline()
+                if deadline is not None and deadline <= self.now:
+                    alloc.handle_timer(self.now)
+            self.pump()
+
+    def allocate(self, name: PeerName, cid: str, ifname: str = "eth0") -> Completion:
+        request = self.peers[name].allocate(cid, ifname, self.now)
+        for _ in range(100):
+            self.pump()
+            found = [c for c in self.done[name] if c.request == request]
+            if found:
+                return found[0]
+            self.advance(0.5)
+        raise AssertionError(f"allocation {cid} never finished")
+
+    def crash_and_restart(self, name: PeerName) -> None:
+        self.peers[name] = self._new(name, self.disk.get(name))
+        self.connect()
+
+    def all_leases(self) -> list[str]:
+        return [lease.ip() for n in self.live() for lease in self.peers[n].leases()]
+
+
+def test_first_allocation_waits_for_consensus_then_every_peer_owns_a_share() -> None:
+    cluster = Cluster("10.32.0.0/24", 3)
+    assert cluster.peers[NAMES[0]].status().state == "idle"
+    result = cluster.allocate(NAMES[0], "c1")
+    assert isinstance(result, Allocated)
+    assert ipaddress.ip_address(result.lease.ip()) in ipaddress.ip_network("10.32.0.0/24")
+    owners = {o.name for o in cluster.peers[NAMES[1]].status().owners}
+    assert owners == set(NAMES[:3])
+    assert all(cluster.peers[n].status().state == "ready" for n in NAMES[:3])
+
+
+def test_consensus_without_quorum_never_guesses_and_fails_with_the_reason() -> None:
+    cluster = Cluster("10.32.0.0/24", 3)
+    cluster.down = {NAMES[1], NAMES[2]}
+    cluster.connect()
+    result = cluster.allocate(NAMES[0], "c1")
+    assert isinstance(result, AllocationFailed)
+    assert "awaiting consensus (quorum 2, known 1)" in result.message
+    assert not cluster.peers[NAMES[0]].ring.seeded
+
+
+def test_allocation_is_idempotent_per_container_and_interface() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    first = cluster.allocate(NAMES[0], "c1")
+    again = cluster.allocate(NAMES[0], "c1")
+    other_if = cluster.allocate(NAMES[0], "c1", "eth1")
+    assert isinstance(first, Allocated) and isinstance(again, Allocated) and isinstance(other_if, Allocated)
+    assert first.lease == again.lease
+    assert other_if.lease.address != first.lease.address
+
+
+def test_a_peer_that_runs_out_gets_space_from_another() -> None:
+    cluster = Cluster("10.32.0.0/28", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    got = [cluster.allocate(a, f"c{i}") for i in range(10)]
+    assert all(isinstance(r, Allocated) for r in got), got
+    addresses = cluster.all_leases()
+    assert len(addresses) == len(set(addresses)) == 10
+    assert cluster.peers[a].status().owned > 8  # more than its half of a /28
+
+
+def test_exhausted_range_fails_with_a_clear_error_after_the_deadline() -> None:
+    cluster = Cluster("10.32.0.0/29", 2, init="seed=" + ",".join(NAMES[:2]))
+    results = [cluster.allocate(NAMES[i % 2], f"c{i}") for i in range(8)]
+    ok = [r for r in results if isinstance(r, Allocated)]
+    failed = [r for r in results if isinstance(r, AllocationFailed)]
+    assert len(ok) == 6  # a /29 has 8 addresses, minus network and broadcast
+    assert failed and all(f.code == "timeout" and "waiting for IP" in f.message for f in failed)
+
+
+def test_release_returns_the_address_and_unknown_ids_are_harmless() -> None:
+    cluster = Cluster("10.32.0.0/29", 1, init="seed=" + NAMES[0])
+    first = cluster.allocate(NAMES[0], "c1")
+    assert isinstance(first, Allocated)
+    assert cluster.peers[NAMES[0]].release("c1", cluster.now) == [first.lease]
+    assert cluster.peers[NAMES[0]].release("c1", cluster.now) == []
+    again = cluster.allocate(NAMES[0], "c2")
+    assert isinstance(again, Allocated) and again.lease.address == first.lease.address
+
+
+def test_claim_checks_ownership() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    cluster.allocate(NAMES[0], "warmup")
+    a = cluster.peers[NAMES[0]]
+    mine = ipaddress.IPv4Address(a.ring.owned_ranges()[0][0] + 5)
+    lease = a.claim("c9", "eth0", str(mine), cluster.now)
+    assert lease.ip() == str(mine)
+    theirs = ipaddress.IPv4Address(cluster.peers[NAMES[1]].ring.owned_ranges()[0][0] + 5)
+    with pytest.raises(AllocError) as info:
+        a.claim("c10", "eth0", str(theirs), cluster.now)
+    assert info.value.code == "owned-elsewhere"
+    with pytest.raises(AllocError):
+        a.claim("c11", "eth0", "not-an-ip", cluster.now)
+
+
+def test_leases_survive_a_crash_and_restart_from_the_snapshot() -> None:
+    cluster = Cluster("10.32.0.0/24", 3)
+    leases = [cluster.allocate(NAMES[i % 3], f"c{i}") for i in range(30)]
+    assert all(isinstance(r, Allocated) for r in leases)
+    before = sorted(cluster.peers[NAMES[1]].leases(), key=lambda lease: lease.address)
+    cluster.crash_and_restart(NAMES[1])
+    assert sorted(cluster.peers[NAMES[1]].leases(), key=lambda lease: lease.address) == before
+    more = [cluster.allocate(NAMES[1], f"d{i}") for i in range(20)]
+    assert all(isinstance(r, Allocated) for r in more)
+    addresses = cluster.all_leases()
+    assert len(addresses) == len(set(addresses)) == 50
+
+
+def test_rmpeer_returns_a_dead_peers_space_exactly_once() -> None:
+    cluster = Cluster("10.32.0.0/24", 3)
+    cluster.allocate(NAMES[0], "c1")
+    dead = NAMES[2]
+    cluster.down = {dead}
+    cluster.connect()
+    cluster.peers[NAMES[0]].rmpeer(dead, cluster.now)
+    cluster.peers[NAMES[1]].rmpeer(dead, cluster.now)  # both at once: still one owner per address
+    cluster.pump()
+    for name in NAMES[:2]:
+        status = cluster.peers[name].status()
+        assert dead not in {o.name for o in status.owners}
+        assert sum(o.addresses for o in status.owners) == 256
+
+
+def test_malformed_messages_are_counted_not_fatal() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a = cluster.peers[NAMES[0]]
+    for junk in (b"", b"\x92\x63\xc0", b"\x92\x01\x93\x01\x02\x03", b"\xff" * 20):
+        a.receive(NAMES[1], junk, cluster.now)
+    assert sum(a.status().rejected.values()) >= 4
+    assert isinstance(cluster.allocate(NAMES[0], "c1"), Allocated)
+
+
+def test_bad_snapshot_is_a_clear_error() -> None:
+    with pytest.raises(AllocError) as info:
+        Allocator(NAMES[0], AddressRange.from_cidr("10.32.0.0/24"), parse_init("seed=" + NAMES[0], 1),
+                  random.Random(1), snapshot=b"\x93\x01\x02")
+    assert info.value.code == "bad-snapshot"

@@ -1,0 +1,481 @@
+"""The allocator: leases for containers, built on the ring, the free space and the seeding.
+
+Theory of operation
+-------------------
+One :class:`Allocator` per peer. The daemon feeds it API requests (:meth:`Allocator.allocate`,
+:meth:`~Allocator.release`, :meth:`~Allocator.claim`, :meth:`~Allocator.rmpeer`), IPAM messages
+from other peers (:meth:`~Allocator.receive`, carried by the mesh on the ``ipam`` relay channel) and
+time (:meth:`~Allocator.handle_timer`); it returns messages to send (:meth:`~Allocator.messages`) and
+finished requests (:meth:`~Allocator.completions`). Nothing blocks: an allocation that cannot be
+served at once stays pending until space arrives or its deadline passes, and then fails with a reason
+the CNI plugin can show.
+
+**Durability rule (the daemon's half of "never a duplicate").** Whenever :attr:`Allocator.dirty` is
+set after a call, the daemon writes :meth:`Allocator.snapshot` to disk (fsync'd) *before* it sends the
+messages or answers the requests that call produced. So a lease is on disk before its address is
+handed out, and a donor has recorded giving a block away before the recipient can hear of it: a crash
+at any point restarts from a state that never contradicts what others were told.
+
+Space flows like Weave's: the first allocation triggers seeding (``IPALLOC_INIT``); once the ring is
+seeded, each peer allocates the lowest free address of its ranges; a peer that runs out asks one peer
+with free space (weighted by free count) for a block, and the donor grants the largest free block, at
+most half its free addresses, and sends the new ring back.
+
+Messages (msgpack ``[kind, body]``; kinds are append-only): ``RING`` (the whole ring state, to one
+peer or to all), ``PAXOS`` (seeding votes), ``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from weaved.core.ipam.ring import AddressRange, Ring, RingError, RingState, decode_ring, encode_ring
+from weaved.core.ipam.seeding import (
+    InitMode,
+    PaxosState,
+    Seeder,
+    SeedingError,
+    SeedState,
+    decode_paxos,
+    encode_paxos,
+)
+from weaved.core.ipam.space import Space, SpaceError
+from weaved.core.types import PeerName
+
+if TYPE_CHECKING:
+    from random import Random
+
+CHANNEL = "ipam"
+SNAPSHOT_VERSION = 1
+RING_GOSSIP_INTERVAL = 30.0
+"""Anti-entropy: our ring goes to every peer this often even when nothing changed."""
+SPACE_REQUEST_TIMEOUT = 2.0
+"""How long to wait for a donor's answer before asking another."""
+MAX_CONTAINER_ID = 256
+MAX_IFNAME = 16
+
+
+class MsgKind(IntEnum):
+    """WARNING: append only. The numbers are part of the protocol."""
+
+    RING = 1
+    PAXOS = 2
+    SPACE_REQUEST = 3
+    SPACE_DENIED = 4
+
+
+class AllocError(Exception):
+    """A refused request; ``code`` is stable (``bad-request``, ``not-ready``, ``owned-elsewhere``,
+    ``in-use``, ``reserved``, ``ring``) and ``str()`` says what to do."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    container_id: str
+    ifname: str
+    address: int
+
+    def ip(self) -> str:
+        return str(ipaddress.IPv4Address(self.address))
+
+
+@dataclass(frozen=True, slots=True)
+class Allocated:
+    request: int
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationFailed:
+    request: int
+    code: str
+    """``timeout`` (with the state that kept us waiting in ``message``) or ``removed``."""
+    message: str
+
+
+Completion = Allocated | AllocationFailed
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerStatus:
+    name: str
+    addresses: int
+    percent: float
+    reachable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IpamStatus:
+    state: str
+    range: str
+    owned: int
+    free: int
+    leases: int
+    pending: int
+    owners: tuple[OwnerStatus, ...]
+    rejected: dict[str, int]
+
+
+@dataclass
+class _Pending:
+    request: int
+    container_id: str
+    ifname: str
+    deadline: float
+
+
+def _check_ids(container_id: str, ifname: str) -> None:
+    if not container_id or len(container_id) > MAX_CONTAINER_ID or not container_id.isprintable():
+        raise AllocError("bad-request", f"container id must be 1..{MAX_CONTAINER_ID} printable characters")
+    if not ifname or len(ifname) > MAX_IFNAME or not ifname.isprintable():
+        raise AllocError("bad-request", f"interface name must be 1..{MAX_IFNAME} printable characters")
+
+
+class Allocator:
+    """One peer's IPAM. See the module docstring for the contract with the daemon."""
+
+    def __init__(self, own: PeerName, address_range: AddressRange, mode: InitMode, rng: Random, *,
+                 timeout: float = 30.0, snapshot: bytes | None = None) -> None:
+        self.own = own
+        self.range = address_range
+        self.timeout = timeout
+        self._rng = rng
+        self.ring = Ring(own, address_range)
+        self.seeder = Seeder(own, mode, address_range, rng)
+        self.space = Space(address_range.reserved())
+        self._leases: dict[tuple[str, str], Lease] = {}
+        self._pending: list[_Pending] = []
+        self._next_request = 1
+        self._out: list[tuple[PeerName | None, bytes]] = []
+        self._done: list[Completion] = []
+        self._reachable: set[PeerName] = set()
+        self._asked: tuple[PeerName, float] | None = None
+        self._next_gossip: float | None = None
+        self.dirty = False
+        self.rejected: Counter[str] = Counter()
+        if snapshot is not None:
+            self._restore(snapshot)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def allocate(self, container_id: str, ifname: str, now: float) -> int:
+        """Ask for an address for (container, interface); the answer comes through :meth:`completions`
+        (at once when possible). Asking again for the same pair returns the same lease."""
+        _check_ids(container_id, ifname)
+        request = self._next_request
+        self._next_request += 1
+        existing = self._leases.get((container_id, ifname))
+        if existing is not None:
+            self._done.append(Allocated(request, existing))
+            return request
+        self._pending.append(_Pending(request, container_id, ifname, now + self.timeout))
+        self._serve(now)
+        return request
+
+    def claim(self, container_id: str, ifname: str, address: str, now: float) -> Lease:
+        """Lease a given address (a container that already has it, e.g. after a restart)."""
+        _check_ids(container_id, ifname)
+        try:
+            value = int(ipaddress.IPv4Address(address))
+        except ValueError:
+            raise AllocError("bad-request", f"not an IPv4 address: {address!r}") from None
+        existing = self._leases.get((container_id, ifname))
+        if existing is not None and existing.address == value:
+            return existing
+        if not self.ring.seeded:
+            raise AllocError("not-ready", f"IPAM is not ready: {self.seeder.status}")
+        if not self.range.start <= value < self.range.end:
+            raise AllocError("bad-request", f"{address} is outside {self._range_text()}")
+        if not self.space.owns(value):
+            owner = self.ring.owner_of(value)
+            raise AllocError("owned-elsewhere", f"{address} belongs to peer {owner}; claim it there")
+        try:
+            self.space.claim(value)
+        except SpaceError as err:
+            raise AllocError(err.reason, f"{address}: {err}") from None
+        lease = Lease(container_id, ifname, value)
+        self._leases[(container_id, ifname)] = lease
+        self.dirty = True
+        return lease
+
+    def release(self, container_id: str, now: float) -> list[Lease]:
+        """Free every address of a container (idempotent: an unknown id frees nothing)."""
+        released = [lease for key, lease in self._leases.items() if key[0] == container_id]
+        for lease in released:
+            del self._leases[(lease.container_id, lease.ifname)]
+            self.space.release(lease.address)
+        self._pending = [p for p in self._pending if p.container_id != container_id]
+        if released:
+            self.dirty = True
+            self._serve(now)  # someone may be waiting for exactly this space
+        return released
+
+    def leases(self) -> list[Lease]:
+        return sorted(self._leases.values(), key=lambda lease: lease.address)
+
+    def rmpeer(self, name: PeerName, now: float) -> int:
+        """Remove a dead peer; returns how many addresses we inherited (often 0: the heir takes over
+        when the tombstone reaches it). Safe to run on several peers at once (see docs/ipam.md)."""
+        try:
+            before = self.space.free_count()
+            self.ring.rmpeer(name)
+        except RingError as err:
+            raise AllocError("ring", f"rmpeer {name}: {err}") from None
+        self._ring_changed(now, broadcast=True)
+        return max(0, self.space.free_count() - before)
+
+    # --- mesh input -------------------------------------------------------------------------------
+
+    def set_reachable(self, peers: set[PeerName], now: float) -> None:
+        """The peers the mesh reaches now: new ones get our ring (and votes) at once."""
+        joined = peers - self._reachable
+        self._reachable = set(peers)
+        for peer in sorted(joined):
+            self._send_ring(peer)
+            self._send_paxos(peer)
+
+    def receive(self, src: PeerName, payload: bytes, now: float) -> None:
+        """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
+        try:
+            kind, body = self._decode(payload)
+            if kind is MsgKind.RING or kind is MsgKind.SPACE_DENIED:
+                self._merge_ring(decode_ring(body), now)
+                if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
+                    self._asked = None
+                    self._serve(now, exclude={src})
+            elif kind is MsgKind.PAXOS:
+                self._receive_paxos(decode_paxos(body), now)
+            elif kind is MsgKind.SPACE_REQUEST:
+                self._donate(src, now)
+        except (RingError, SeedingError, AllocError) as err:
+            self.rejected[getattr(err, "reason", getattr(err, "code", "error"))] += 1
+
+    def handle_timer(self, now: float) -> None:
+        votes = self.seeder.gossip()
+        self.seeder.tick(now)
+        if self.seeder.gossip() != votes:
+            self.dirty = True  # a new ballot: on disk before anyone hears it
+            self._send_paxos(None)
+        self._after_seeding(now)
+        if self._asked is not None and now >= self._asked[1]:
+            asked = self._asked[0]
+            self._asked = None
+            self._serve(now, exclude={asked})
+        if self._next_gossip is not None and now >= self._next_gossip:
+            self._report_free()
+            self._send_ring(None)
+            self._next_gossip = now + RING_GOSSIP_INTERVAL
+        self._expire(now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [p.deadline for p in self._pending]
+        for value in (self.seeder.next_deadline(), self._next_gossip, self._asked[1] if self._asked else None):
+            if value is not None:
+                deadlines.append(value)
+        return min(deadlines, default=None)
+
+    # --- output -----------------------------------------------------------------------------------
+
+    def messages(self) -> list[tuple[PeerName | None, bytes]]:
+        """(destination or None for every peer, payload) to send on the ``ipam`` channel."""
+        out, self._out = self._out, []
+        return out
+
+    def completions(self) -> list[Completion]:
+        done, self._done = self._done, []
+        return done
+
+    def snapshot(self) -> bytes:
+        """Everything that must survive a crash: ring, seeding votes, leases. Clears :attr:`dirty`."""
+        self.dirty = False
+        paxos = self.seeder.gossip()
+        data: bytes = msgpack.packb([
+            SNAPSHOT_VERSION,
+            encode_ring(self.ring.state),
+            encode_paxos(paxos) if paxos is not None else None,
+            [[lease.container_id, lease.ifname, lease.address] for lease in self.leases()],
+        ], use_bin_type=True)
+        return data
+
+    def status(self) -> IpamStatus:
+        total = self.range.size
+        owned = {name: 0 for name in self.ring.state.owners()}
+        for start, end, owner in self.ring.state.segments():
+            owned[owner] = owned.get(owner, 0) + (end - start)
+        owners = tuple(
+            OwnerStatus(name, count, 100.0 * count / total, name == self.own or name in self._reachable)
+            for name, count in sorted(owned.items(), key=lambda item: (-item[1], item[0]))
+        )
+        return IpamStatus(
+            state=self._state_text(), range=self._range_text(), owned=owned.get(self.own, 0),
+            free=self.space.free_count(), leases=len(self._leases), pending=len(self._pending), owners=owners,
+            rejected={**self.rejected, **{f"ring-{k}": v for k, v in self.ring.rejected.items()}},
+        )
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _range_text(self) -> str:
+        prefix = 32 - (self.range.size - 1).bit_length()
+        return f"{ipaddress.IPv4Address(self.range.start)}/{prefix}"
+
+    def _state_text(self) -> str:
+        if not self.ring.seeded:
+            return self.seeder.status
+        if self._pending:
+            others = self.ring.state.owners() - {self.own}
+            if not self.space.free_count() and others and not others & self._reachable:
+                return "all IP ranges owned by unreachable peers - use 'rmpeer' if they are dead"
+            return "waiting for IP(s) to become available"
+        return "ready"
+
+    def _unreachable(self) -> set[PeerName]:
+        return {o for o in self.ring.state.owners() if o != self.own and o not in self._reachable}
+
+    def _decode(self, payload: bytes) -> tuple[MsgKind, Any]:
+        if len(payload) > 4 << 20:
+            raise AllocError("too-large", f"{len(payload)} bytes")
+        try:
+            raw = msgpack.unpackb(payload, raw=False, max_bin_len=64, max_str_len=64, max_map_len=0,
+                                  max_ext_len=0, max_array_len=1 << 16)
+        except Exception:
+            raise AllocError("not-msgpack", "undecodable IPAM message") from None
+        if not (isinstance(raw, list) and len(raw) == 2 and type(raw[0]) is int):
+            raise AllocError("bad-field", "IPAM envelope")
+        try:
+            return MsgKind(raw[0]), raw[1]
+        except ValueError:
+            raise AllocError("unknown-kind", str(raw[0])) from None
+
+    def _send(self, dst: PeerName | None, kind: MsgKind, body: Any) -> None:
+        self._out.append((dst, msgpack.packb([int(kind), body], use_bin_type=True)))
+
+    def _send_ring(self, dst: PeerName | None) -> None:
+        if self.ring.seeded or self.ring.state.removed:
+            self._send(dst, MsgKind.RING, encode_ring(self.ring.state))
+
+    def _send_paxos(self, dst: PeerName | None) -> None:
+        paxos = self.seeder.gossip()
+        if paxos is not None and self.seeder.state is not SeedState.READY:
+            self._send(dst, MsgKind.PAXOS, encode_paxos(paxos))
+
+    def _merge_ring(self, remote: RingState, now: float) -> None:
+        result = self.ring.merge(remote)
+        if remote.seeded and self.seeder.state is not SeedState.READY:
+            self.seeder.adopt(self.ring.state)
+        if result.changed:
+            self._ring_changed(now, broadcast=bool(result.inherited))
+
+    def _receive_paxos(self, paxos: PaxosState, now: float) -> None:
+        if self.seeder.receive(paxos, now):
+            self.dirty = True  # votes must be on disk before anyone hears them
+            self._send_paxos(None)
+        self._after_seeding(now)
+
+    def _after_seeding(self, now: float) -> None:
+        agreed = self.seeder.ring
+        if agreed is not None and not self.ring.seeded:
+            self._merge_ring(agreed, now)
+            self._ring_changed(now, broadcast=True)
+
+    def _ring_changed(self, now: float, *, broadcast: bool) -> None:
+        """Refresh our free space from the ring; serve waiting requests; tell others if asked to."""
+        stranded = self.space.set_ranges(self.ring.owned_ranges())
+        # Our own hand-overs only give free space away, so a lease outside our ranges means a remote
+        # override (an rmpeer of us while we were away): keep the lease and surface it in the counts.
+        self.rejected["lease-outside-ranges"] += len(stranded)
+        self.dirty = True
+        if self._next_gossip is None and self.ring.seeded:
+            self._next_gossip = now + RING_GOSSIP_INTERVAL * (0.5 + self._rng.random())
+        if broadcast:
+            self._report_free()
+            self._send_ring(None)
+        self._serve(now)
+
+    def _report_free(self) -> None:
+        if not self.ring.seeded or self.ring.removed:
+            return
+        free = {
+            start: sum(self.space.count_free(s, e) for s, e in segments)
+            for start, segments in self.ring.own_tokens().items()
+        }
+        if self.ring.report_free(free):
+            self.dirty = True
+
+    def _serve(self, now: float, exclude: set[PeerName] | None = None) -> None:
+        """Hand out addresses to waiting requests; ask for space when ours ran out."""
+        if not self._pending:
+            return
+        if not self.ring.seeded:
+            self.seeder.start(now)
+            self.dirty = True
+            self._send_paxos(None)
+            self._after_seeding(now)
+            if not self.ring.seeded:
+                return
+        while self._pending:
+            address = self.space.allocate()
+            if address is None:
+                break
+            pending = self._pending.pop(0)
+            lease = Lease(pending.container_id, pending.ifname, address)
+            self._leases[(lease.container_id, lease.ifname)] = lease
+            self.dirty = True
+            self._done.append(Allocated(pending.request, lease))
+        if self._pending and self._asked is None:
+            donor = self.ring.pick_donor(self._rng, exclude=self._unreachable() | (exclude or set()))
+            if donor is not None:
+                self._asked = (donor, now + SPACE_REQUEST_TIMEOUT)
+                self._send(donor, MsgKind.SPACE_REQUEST, None)
+
+    def _donate(self, to: PeerName, now: float) -> None:
+        if not self.ring.seeded or self.ring.removed:
+            return
+        block = self.space.donation()
+        if block is None or self._pending:
+            self._send(to, MsgKind.SPACE_DENIED, encode_ring(self.ring.state))
+            return
+        self.ring.grant(block[0], block[1], to)
+        self._ring_changed(now, broadcast=False)
+        self._report_free()
+        self._send(to, MsgKind.RING, encode_ring(self.ring.state))
+        self._send_ring(None)
+
+    def _expire(self, now: float) -> None:
+        expired = [p for p in self._pending if now >= p.deadline]
+        if not expired:
+            return
+        reason = self._state_text()
+        for pending in expired:
+            self._pending.remove(pending)
+            self._done.append(AllocationFailed(
+                pending.request, "timeout",
+                f"no address for {pending.container_id} within {self.timeout:.0f}s: {reason}"))
+
+    def _restore(self, snapshot: bytes) -> None:
+        try:
+            raw = msgpack.unpackb(snapshot, raw=False, max_map_len=0, max_ext_len=0)
+            version, ring_raw, paxos_raw, leases = raw
+            if version != SNAPSHOT_VERSION:
+                raise ValueError(f"snapshot version {version}")
+            state = decode_ring(ring_raw)
+            if paxos_raw is not None:
+                self.seeder.receive(decode_paxos(paxos_raw), 0.0)
+            self.ring = Ring(self.own, self.range, state)
+            if state.seeded:
+                self.seeder.adopt(state)
+            self.space.set_ranges(self.ring.owned_ranges())
+            for container_id, ifname, address in leases:
+                self.space.claim(address)
+                self._leases[(container_id, ifname)] = Lease(container_id, ifname, address)
+        except (ValueError, TypeError, RingError, SeedingError, SpaceError) as err:
+            raise AllocError("bad-snapshot", f"cannot restore IPAM state: {err}") from None
