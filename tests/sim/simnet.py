@@ -80,6 +80,16 @@ class SimNet:
         rng = random.Random(self.rng.getrandbits(64))
         return MeshPeer(identity, self.config, rng, self.now, initial_version=1)
 
+    def add_clone(self, nickname: str, of: str, targets: Iterable[Endpoint], index: int) -> SimPeer:
+        """A peer that uses another peer's name (a cloned machine), with its own UID and address."""
+        peer = self.add_peer(nickname, (), index=index)
+        peer.mesh = self._new_mesh(self.peers[of].mesh.identity.name, nickname)
+        peer.timer_at = None
+        for target in targets:
+            peer.mesh.add_target(target, self.now)
+        self._schedule_timer(peer)
+        return peer
+
     def crash(self, nickname: str) -> None:
         """The process dies: no goodbye, state lost."""
         self.peers[nickname].alive = False

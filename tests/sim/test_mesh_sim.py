@@ -154,10 +154,7 @@ def test_broadcast_reaches_everyone_once() -> None:
 def test_duplicate_name_is_refused() -> None:
     net = SimNet(seed=8)
     a = net.add_peer("a", [net.address_of(1)], index=0)
-    clone = net.add_peer("clone", [net.address_of(0)], index=1)
-    clone.mesh = net._new_mesh(a.mesh.identity.name, "clone")
-    clone.mesh.add_target(net.address_of(0), net.now)
-    net._schedule_timer(clone)
+    clone = net.add_clone("clone", "a", [net.address_of(0)], index=1)
     net.run_for(5.0)
     assert any(isinstance(e, NameCollision) for e in a.events + clone.events)
     assert a.mesh.status(net.now).established == 0
@@ -207,3 +204,83 @@ def test_full_peers_refuse_connected_peers_beyond_the_limit() -> None:
     net = build(20, seed=15, fan_in=19, config=MeshConfig(conn_limit=3))
     converge(net)
     assert all(len(p.mesh._conns) <= 3 + 1 for p in net.alive())
+
+
+# --- forged and hostile input (UDP sources are easy to forge) ------------------------------------------
+
+def _forge(net: SimNet, body: object, sender_name: str | None = None, uid: int = 12345) -> bytes:
+    from weaved.core.types import PeerName, PeerUID, derive_peer_name
+    from weaved.core.wire import PROTOCOL_MAX, Message, encode
+
+    name = PeerName(sender_name) if sender_name else derive_peer_name("forger")
+    return encode(Message(PROTOCOL_MAX, name, PeerUID(uid), body))  # type: ignore[arg-type]
+
+
+def test_forged_reject_or_hello_from_a_neighbours_address_does_not_cut_the_link() -> None:
+    from weaved.core.wire import Hello, Reject
+
+    net = build(3, seed=16, fan_in=2)
+    converge(net)
+    p0, p1 = net.peers["p0"], net.peers["p1"]
+    for body in (Reject("collision", "forged"), Reject("limit", "forged"),
+                 Hello(1, 1, "impostor", 7, ("sleeve",), 0)):
+        p0.mesh.receive_datagram(_forge(net, body), p1.address, net.now)
+    net._flush(p0)
+    assert any(c.state == "established" and c.peer_nickname == "p1" for c in p0.mesh.status(net.now).connections)
+    net.run_for(3.0)
+    assert departures(net) == 0
+
+
+def test_an_implausible_version_is_dropped_and_a_forged_own_entry_is_overtaken() -> None:
+    from weaved.core.entries import PeerEntry
+    from weaved.core.wire import GossipUpdate
+
+    net = build(3, seed=17, fan_in=2)
+    converge(net)
+    p0, p1 = net.peers["p0"], net.peers["p1"]
+    own = p0.mesh.topology.own
+    huge = PeerEntry(own.name, own.nickname, own.uid, 2**63, own.short_id, ())
+    forged = PeerEntry(own.name, own.nickname, own.uid, own.version + 5, own.short_id, ())
+    sender = p1.mesh.identity
+    for entry in (huge, forged):
+        p0.mesh.receive_datagram(_forge(net, GossipUpdate((entry,)), sender.name, sender.uid), p1.address, net.now)
+    net._flush(p0)
+    assert p0.mesh.topology.own.version > forged.version, "our entry must overtake the forged copy"
+    assert p0.mesh.topology.own.connections, "and keep our real connections"
+    converge(net)
+
+
+def test_duplicate_names_in_a_request_do_not_amplify() -> None:
+    from weaved.core.wire import GossipRequest
+
+    net = build(3, seed=18, fan_in=2)
+    converge(net)
+    p0, p1 = net.peers["p0"], net.peers["p1"]
+    sender = p1.mesh.identity
+    request = GossipRequest(tuple([p0.mesh.identity.name] * 5000))
+    p0.mesh.receive_datagram(_forge(net, request, sender.name, sender.uid), p1.address, net.now)
+    assert len(p0.mesh.datagrams_to_send()) == 1
+
+
+def test_a_live_clone_elsewhere_ends_in_a_reported_collision_not_a_version_war() -> None:
+    net = SimNet(seed=19)
+    a = net.add_peer("a", [net.address_of(1)], index=0)
+    net.add_peer("hub", [net.address_of(0), net.address_of(2)], index=1)
+    clone = net.add_clone("clone", "a", [net.address_of(1)], index=2)
+    net.run_for(60.0)
+    # Whichever of the two the hub heard second is refused, and that one reports the collision.
+    assert any(isinstance(e, NameCollision) for e in a.events + clone.events)
+    versions = (a.mesh.topology.own.version, clone.mesh.topology.own.version)
+    net.run_for(30.0)
+    assert a.mesh.topology.own.version - versions[0] < 10, "no version war over the name"
+    assert clone.mesh.topology.own.version - versions[1] < 10, "no version war over the name"
+
+
+def test_the_dialler_gives_up_on_a_name_collision() -> None:
+    net = SimNet(seed=20)
+    net.add_peer("a", [], index=0)
+    clone = net.add_clone("clone", "a", [net.address_of(0)], index=1)
+    net.run_for(60.0)
+    attempts = [e for e in clone.events if isinstance(e, ConnectionStateChanged) and e.new == "connecting"]
+    assert len(attempts) == 1
+    assert "not retrying" in clone.mesh.status(net.now).connections[0].info

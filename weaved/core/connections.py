@@ -59,6 +59,8 @@ class Target:
     last_error: str = ""
     known_name: PeerName | None = None
     """The peer last seen at this address: no need to dial while it is connected elsewhere."""
+    name_in_use: int = 0
+    """Refusals because another live peer there uses our name; a few in a row mean a clone."""
     give_up: bool = False
     """Set for a name collision: retrying cannot help."""
     is_self: bool = False

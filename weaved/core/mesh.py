@@ -84,6 +84,8 @@ class MeshConfig:
     gossip_delay: float = 0.2
     """Coalescing window: changes within it go out in one round."""
     anti_entropy_interval: float = 5.0
+    max_pending: int = 16
+    """Inbound handshakes awaiting confirmation at once; bounds what forged HELLOs can occupy."""
     join_grace: float = 10.0
     """How long after our first connection we count as settled and take isolated peers past the limit."""
     settle_delay: float = 0.2
@@ -125,6 +127,9 @@ class MeshPeer:
         self._reachable: dict[PeerName, PeerUID] = {}
         self._said_goodbye: set[PeerName] = set()
         self._connected_since: float | None = None
+        self._rate: dict[tuple[str, Endpoint], float] = {}
+        self._own_conflicts: dict[PeerUID, list[float]] = {}
+        """Recent bumps forced by another incarnation of our name, by its UID (a live clone keeps going)."""
         """When we last went from no established connection to one (start of being 'settled')."""
         self._sizes = gossip.EntrySizeCache()
 
@@ -161,10 +166,10 @@ class MeshPeer:
             return
         self._tick_connections(now)
         self._dial_targets(now)
-        if self._gossip_due is not None and now >= self._gossip_due:
-            self._flush_gossip()
         if self._settle_due is not None and now >= self._settle_due:
             self._settle(now)
+        if self._gossip_due is not None and now >= self._gossip_due:
+            self._flush_gossip()
         if now >= self._next_anti_entropy:
             self._next_anti_entropy = now + self.config.anti_entropy_interval
             neighbours = self._established()
@@ -265,6 +270,23 @@ class MeshPeer:
     def _drop(self, reason: str) -> None:
         self.counters[f"dropped_{reason}"] += 1
 
+    def _hello_ack(self, version: int) -> HelloAck:
+        return HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS)
+
+    def _rate_ok(self, key: tuple[str, Endpoint], now: float, interval: float) -> bool:
+        """At most one answer per ``key`` per ``interval``: replies that a forged datagram can trigger
+        must not turn us into an amplifier. The table is bounded; when full, old keys are dropped."""
+        last = self._rate.get(key)
+        if last is not None and now - last < interval:
+            self._drop("rate-limited")
+            return False
+        if len(self._rate) >= 4096:
+            self._rate = {k: t for k, t in self._rate.items() if now - t < interval}
+            if len(self._rate) >= 4096:
+                self._rate.clear()
+        self._rate[key] = now
+        return True
+
     def _hello(self) -> Hello:
         return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id, OVERLAYS,
                      len(self.topology.next_hops()))
@@ -283,13 +305,13 @@ class MeshPeer:
             self._on_hello_ack(message, body, source, now)
             return
         if isinstance(body, Reject):
-            self._on_reject(body, source, now)
+            self._on_reject(message, body, source, now)
             return
         conn = self._conns.get(source)
         if conn is None or conn.remote is None or conn.remote.name != message.sender \
                 or conn.remote.uid != message.sender_uid:
             self._drop("unknown-sender")
-            if isinstance(body, Heartbeat):
+            if isinstance(body, Heartbeat) and self._rate_ok(("unknown", source), now, 1.0):
                 # The sender believes in a connection we do not have (we restarted): make it redial now.
                 self._send(source, Reject("unknown-connection", "no connection with you; please reconnect"))
             return
@@ -308,7 +330,9 @@ class MeshPeer:
             case GossipUpdate():
                 self._merge(body.entries, now, conn.remote.name)
             case GossipSummary():
-                if body.digest_hash != self.topology.digest_hash():
+                # A digest is as big as the topology: at most one per neighbour per half AE period.
+                if body.digest_hash != self.topology.digest_hash() and self._rate_ok(
+                        ("digest", conn.address), now, self.config.anti_entropy_interval / 2):
                     self._send_digest(conn.address)
             case GossipDigest():
                 push, want = gossip.compare_digest(body.items, self.topology.entries)
@@ -316,7 +340,7 @@ class MeshPeer:
                 self._send_request(conn.address, want)
             case GossipRequest():
                 entries = self.topology.entries
-                self._send_entries(conn.address, [entries[n] for n in body.names if n in entries])
+                self._send_entries(conn.address, [entries[n] for n in dict.fromkeys(body.names) if n in entries])
             case Relay():
                 self._on_relay(body)
 
@@ -334,6 +358,9 @@ class MeshPeer:
             self._send(source, Reject("collision", f"peer name {self.identity.name} is already in use"))
             nickname = message.body.nickname
             self._events.append(NameCollision(str(source), message.sender, nickname))
+        elif isinstance(message.body, Reject) and message.body.code == "collision":
+            self._on_reject(message, message.body, source, now)
+            return
         self._drop("name-collision")
 
     def _negotiate(self, lo: int, hi: int) -> int | None:
@@ -358,7 +385,7 @@ class MeshPeer:
         if other.remote.uid == remote.uid:
             return f"already connected to {remote.label()} via {other.address}"
         if other.state is ConnState.ESTABLISHED and now - other.last_received < 2 * self.config.heartbeat_interval:
-            return f"{remote.label()} is also alive at {other.address}"
+            return f"name in use: {remote.label()} is also alive at {other.address}"
         self._remove_connection(other, "peer restarted elsewhere", now)
         return None
 
@@ -374,14 +401,18 @@ class MeshPeer:
         if conn is not None and conn.remote == remote:
             # A retransmitted HELLO (our ACK was lost) or a simultaneous open we already adopted.
             conn.last_received = now
-            self._send(source, HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS),
-                       version)
+            self._send(source, self._hello_ack(version), version)
             return
         reason = self._check_duplicate(remote, source, now)
         if reason is not None:
             self._send(source, Reject("duplicate", reason))
             return
         if conn is not None and conn.remote is not None:
+            if conn.state is ConnState.ESTABLISHED and now - conn.last_received < 2 * self.config.heartbeat_interval:
+                # The incarnation we know is alive at this address: a HELLO in its place is forged or
+                # early; a real restart is silent first, and its next HELLO gets through.
+                self._drop("hello-over-live-connection")
+                return
             self._remove_connection(conn, "peer restarted", now)
             conn = None
         if conn is None:
@@ -389,18 +420,22 @@ class MeshPeer:
                 self._send(source, Reject("limit", f"connection limit {self.config.conn_limit} reached"))
                 self._drop("conn-limit")
                 return
+            if sum(c.state is ConnState.PENDING for c in self._conns.values()) >= self.config.max_pending:
+                self._drop("too-many-pending")
+                return
             conn = Connection(source, outbound=False, state=ConnState.PENDING, remote=remote,
-                              protocol_version=version, last_received=now, next_send=now,
+                              protocol_version=version, last_received=now,
+                              next_send=now + self.config.hello_interval,
                               handshake_deadline=now + self.config.handshake_timeout)
             self._conns[source] = conn
             self._conn_event(conn, "new", "inbound handshake")
         else:
             # Simultaneous open: we were dialling them too. Keep our record, now we know who it is.
             conn.remote, conn.protocol_version, conn.last_received = remote, version, now
+            conn.next_send = now + self.config.hello_interval
             self._set_state(conn, ConnState.PENDING, "simultaneous handshake")
         self._learn_target_name(source, remote.name)
-        self._send(source, HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS), version)
-        self._publish(now)
+        self._send(source, self._hello_ack(version), version)
 
     def _refuse_for_limit(self, their_reachable: int, now: float) -> bool:
         """At the connection limit, still take a peer that reaches nobody (up to a quarter above the
@@ -433,10 +468,16 @@ class MeshPeer:
         self._send(source, Heartbeat())  # confirms the handshake to the acceptor
         self._establish(conn, now, f"protocol {ack.version}")
 
-    def _on_reject(self, reject: Reject, source: Endpoint, now: float) -> None:
+    def _on_reject(self, message: Message, reject: Reject, source: Endpoint, now: float) -> None:
+        """A refusal. UDP sources are easy to forge, so it only counts for a dial still waiting for its
+        answer, or from exactly the incarnation at the other end of the connection."""
         conn = self._conns.get(source)
         target = self._targets.get(source)
-        if conn is None and target is None:
+        from_peer = conn is not None and (
+            conn.state is ConnState.CONNECTING
+            or (conn.remote is not None and (conn.remote.name, conn.remote.uid) == (message.sender, message.sender_uid))
+        )
+        if not from_peer:
             self._drop("unexpected")
             return
         reason = f"rejected by peer: {reject.reason}"
@@ -447,6 +488,13 @@ class MeshPeer:
         if reject.code == "collision":
             target.give_up = True
             self._events.append(NameCollision(str(source), self.identity.name, self.identity.nickname))
+        elif reject.code == "duplicate" and reject.reason.startswith("name in use"):
+            # Once or twice this is our own previous incarnation, not yet timed out over there; for
+            # longer than a failure timeout, another live peer has our name.
+            target.name_in_use += 1
+            if target.name_in_use >= 3:
+                target.give_up = True
+                self._events.append(NameCollision(str(source), self.identity.name, self.identity.nickname))
         elif reject.code == "limit":
             # A full peer stays full for a while: retrying it at the backoff floor only makes noise.
             target.next_attempt = now + self.config.backoff.cap * (0.5 + self._rng.random())
@@ -475,7 +523,7 @@ class MeshPeer:
         conn.next_send = now + self.config.heartbeat_interval
         target = self._targets.get(conn.address)
         if target is not None:
-            target.attempts, target.last_error = 0, ""
+            target.attempts, target.last_error, target.name_in_use = 0, "", 0
         self._publish(now)
         self._send_entries(conn.address, [self.topology.own])
         if not was_reachable:
@@ -518,8 +566,10 @@ class MeshPeer:
             elif conn.state is ConnState.CONNECTING and now >= conn.next_send:
                 self._send(conn.address, self._hello())
                 conn.next_send = now + self.config.hello_interval
-            elif conn.state is ConnState.PENDING:
-                conn.next_send = conn.handshake_deadline
+            elif conn.state is ConnState.PENDING and now >= conn.next_send:
+                # Our HELLO_ACK may be lost, and after a simultaneous open nobody else retransmits.
+                self._send(conn.address, self._hello_ack(conn.protocol_version), conn.protocol_version)
+                conn.next_send = now + self.config.hello_interval
 
     def _connected_names(self) -> set[PeerName]:
         return {c.remote.name for c in self._conns.values() if c.remote is not None}
@@ -581,9 +631,11 @@ class MeshPeer:
     def _publish(self, now: float) -> None:
         """Rebuild our own entry from our connections; bump the version and gossip it if it changed."""
         own = self.topology.own
+        # Only established connections: a pending one may be a forged HELLO, and everyone dials the
+        # addresses we publish.
         connections = tuple(sorted(
-            (ConnectionEntry(c.remote.name, c.address, c.outbound, c.state is ConnState.ESTABLISHED)
-             for c in self._conns.values() if c.remote is not None),
+            (ConnectionEntry(c.remote.name, c.address, c.outbound, True)
+             for c in self._conns.values() if c.remote is not None and c.state is ConnState.ESTABLISHED),
             key=lambda c: (c.remote, c.address),
         ))
         if connections == own.connections:
@@ -599,7 +651,7 @@ class MeshPeer:
 
     def _merge(self, entries: tuple[PeerEntry, ...], now: float, source: PeerName) -> None:
         result = self.topology.merge(entries)
-        if result.own_conflict is not None:
+        if result.own_conflict is not None and self._bump_past(result.own_conflict, now):
             own = self.topology.own
             self._replace_own(result.own_conflict.version + 1, own.short_id, own.connections, now)
         if result.improved:
@@ -607,6 +659,19 @@ class MeshPeer:
                 self._gossip_source[entry.name] = source
             self._queue_gossip([e.name for e in result.improved], now)
             self._after_topology_change(now, result.improved)
+
+    def _bump_past(self, conflict: PeerEntry, now: float) -> bool:
+        """Whether to bump our version past an entry that claims our name. A stale incarnation of us (we
+        restarted) is overtaken once or twice; an incarnation that keeps coming back is a live clone:
+        report the collision and stop the version war."""
+        times = [t for t in self._own_conflicts.get(conflict.uid, []) if now - t < 60.0]
+        times.append(now)
+        self._own_conflicts[conflict.uid] = times
+        if len(self._own_conflicts) > 64:
+            self._own_conflicts = {conflict.uid: times}
+        if len(times) == 4:
+            self._events.append(NameCollision("(via gossip)", self.identity.name, conflict.nickname))
+        return len(times) < 4
 
     def _after_topology_change(self, now: float, changed: list[PeerEntry] | None = None) -> None:
         """Cheap per-change work now; routes, join/leave events and GC are coalesced into :meth:`_settle`."""
@@ -637,8 +702,8 @@ class MeshPeer:
             self._events.append(PeerLeft(name, gone.nickname if gone else "?", reason))
         self._said_goodbye -= self._reachable.keys() - reachable.keys()
         self._reachable = reachable
-        if self.topology.collect_garbage():
-            self._prune_learnt_targets()
+        self.topology.collect_garbage()
+        self._prune_learnt_targets()
 
     def _learn_targets(self, changed: list[PeerEntry], now: float) -> None:
         """Discovery: the addresses other peers use for their connections become dial targets."""
@@ -713,7 +778,8 @@ class MeshPeer:
         if relay.dst is None:
             if relay.src != self.identity.name:
                 self._events.append(RelayDelivered(relay.src, relay.channel, relay.payload))
-                self._forward_broadcast(relay)
+                if relay.ttl > 1:  # views that disagree for a moment could otherwise make a cycle
+                    self._forward_broadcast(Relay(relay.src, None, relay.channel, relay.ttl - 1, relay.payload))
             return
         if relay.dst == self.identity.name:
             self._events.append(RelayDelivered(relay.src, relay.channel, relay.payload))

@@ -18,7 +18,7 @@ class ConnectionStatus:
     address: str
     outbound: bool
     state: str
-    """``connecting`` | ``pending`` | ``established`` | ``retrying`` | ``failed``"""
+    """``connecting`` | ``pending`` | ``established`` | ``failed`` (a target waiting for its next attempt)"""
     peer_name: str | None
     peer_nickname: str | None
     info: str

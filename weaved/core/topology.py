@@ -14,7 +14,7 @@ version past it.
 
 Entries of peers that are no longer reachable over established, symmetric connections are removed
 (garbage collection), unless one of our own connections still names them; they come back through
-gossip as soon as they are reachable again. The mesh runs the collection a moment after a change
+anti-entropy once they are reachable again. The mesh runs the collection a moment after a change
 rather than inside :meth:`merge`: an entry and the entry that makes it reachable may arrive in two
 different datagrams, and collecting in between would throw the first away.
 """
@@ -30,13 +30,19 @@ from weaved.core.entries import PeerEntry
 from weaved.core.routes import symmetric_neighbours, unicast_next_hops
 from weaved.core.types import PeerName
 
+MAX_VERSION = 1 << 62
+"""Versions start at wall-clock milliseconds (about 2**41) and grow by one per change; anything near 2**64
+is forged or broken and would leave its owner no room to overtake it."""
+
 
 @dataclass
 class MergeResult:
     improved: list[PeerEntry] = field(default_factory=list)
     """Entries that replaced or added to our view."""
     own_conflict: PeerEntry | None = None
-    """An entry with our name but another UID, at or above our version."""
+    """An entry with our name that would supersede ours (another incarnation, or a forged copy)."""
+    implausible: int = 0
+    """Entries dropped for a version above :data:`MAX_VERSION`."""
 
 
 class Topology:
@@ -66,9 +72,14 @@ class Topology:
         """Join remote entries into ours; return the delta. Pure CRDT join plus garbage collection."""
         result = MergeResult()
         for entry in incoming:
+            if entry.version > MAX_VERSION:
+                result.implausible += 1  # would leave no room to ever out-version it
+                continue
             if entry.name == self.own_name:
-                newer_incarnation = entry.uid != self.own.uid and entry.version >= self.own.version
-                if newer_incarnation and (result.own_conflict is None or entry.supersedes(result.own_conflict)):
+                # Anything claiming our name that would win the join (another incarnation, or a forged
+                # copy of ours with a higher version) must be overtaken, never stored.
+                if entry != self.own and entry.supersedes(self.own) and (
+                        result.own_conflict is None or entry.supersedes(result.own_conflict)):
                     result.own_conflict = entry
                 continue
             if entry.supersedes(self.entries.get(entry.name)):
