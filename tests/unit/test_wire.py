@@ -35,7 +35,7 @@ short_ids = st.integers(0, 4095).map(ShortID)
 overlays = st.lists(st.sampled_from(["sleeve", "fastdp"]), max_size=2).map(tuple)
 bodies = st.one_of(
     st.builds(Hello, st.integers(0, 255), st.integers(0, 255), st.text(max_size=64), short_ids, overlays,
-              st.integers(0, 1 << 32)),
+              st.one_of(st.none(), st.integers(0, 1 << 32))),
     st.builds(HelloAck, st.just(PROTOCOL_MAX), st.text(max_size=64), short_ids, overlays),
     st.builds(Reject, st.text(max_size=32), st.text(max_size=256)),
     st.just(Heartbeat()),
@@ -100,9 +100,21 @@ def test_rejects_with_reasons() -> None:
 def test_hello_of_a_future_version_still_decodes() -> None:
     """A peer speaking only version 9 must still be understood well enough to be told why not."""
     sender = b"\x02\x00\x00\x00\x00\x01"
-    data = msgpack.packb(["wv", 9, 1, sender, 7, [9, 9, "future", 3, ["sleeve"], 0]], use_bin_type=True)
+    data = msgpack.packb(["wv", 9, 1, sender, 7, [9, 9, "future", 3, ["sleeve"], 0, "more", [1]]],
+                         use_bin_type=True)
     message = decode(data)
     assert isinstance(message.body, Hello) and message.body.version_min == 9
+    assert message.body.reachable == 0
+
+
+def test_hello_of_the_first_shape_still_decodes() -> None:
+    """HELLO's first five fields are fixed for ever; later ones are optional."""
+    sender = b"\x02\x00\x00\x00\x00\x01"
+    data = msgpack.packb(["wv", 1, 1, sender, 7, [1, 1, "old", 3, ["sleeve"]]], use_bin_type=True)
+    message = decode(data)
+    assert isinstance(message.body, Hello) and message.body.reachable is None
+    with pytest.raises(DecodeError):
+        decode(msgpack.packb(["wv", 1, 1, sender, 7, [1, 1, "short", 3]], use_bin_type=True))
 
 
 @given(st.lists(entries(), min_size=1, max_size=200), endpoints)

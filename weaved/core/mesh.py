@@ -437,7 +437,7 @@ class MeshPeer:
         self._learn_target_name(source, remote.name)
         self._send(source, self._hello_ack(version), version)
 
-    def _refuse_for_limit(self, their_reachable: int, now: float) -> bool:
+    def _refuse_for_limit(self, their_reachable: int | None, now: float) -> bool:
         """At the connection limit, still take a peer that reaches nobody (up to a quarter above the
         limit): a late joiner whose every contact is full would else stay isolated for ever. Not while
         we are starting ourselves, when every peer of a starting herd still reaches nobody."""
@@ -445,7 +445,8 @@ class MeshPeer:
         if len(self._conns) < limit:
             return False
         settled = self._connected_since is not None and now - self._connected_since >= self.config.join_grace
-        return not settled or their_reachable > 0 or len(self._conns) >= limit + max(1, limit // 4)
+        isolated = their_reachable == 0
+        return not settled or not isolated or len(self._conns) >= limit + max(1, limit // 4)
 
     def _on_hello_ack(self, message: Message, ack: HelloAck, source: Endpoint, now: float) -> None:
         conn = self._conns.get(source)

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from weaved.core.codec import StrictReader
 from weaved.core.entries import ConnectionEntry, PeerEntry
 from weaved.core.types import (
     UID_MAX,
@@ -91,8 +92,9 @@ class Hello:
     nickname: str
     short_id: ShortID
     overlays: tuple[str, ...]
-    reachable: int
-    """How many peers the sender reaches now; 0 marks an isolated peer that a full peer still takes."""
+    reachable: int | None
+    """How many peers the sender reaches now; 0 marks an isolated peer that a full peer still takes.
+    None when the sender did not say (a HELLO of an older shape)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +238,7 @@ def _body_raw(body: Body) -> list[Any]:
     match body:
         case Hello():
             return [body.version_min, body.version_max, body.nickname, body.short_id, list(body.overlays),
-                    body.reachable]
+                    *([] if body.reachable is None else [body.reachable])]
         case HelloAck():
             return [body.version, body.nickname, body.short_id, list(body.overlays)]
         case Reject():
@@ -281,42 +283,15 @@ def encoded_entry_size(entry: PeerEntry) -> int:
 # --- decoding -------------------------------------------------------------------------------------
 
 
-def _need(cond: bool, reason: str, detail: str = "") -> None:
-    if not cond:
-        raise DecodeError(reason, detail)
-
-
-def _int(value: Any, lo: int, hi: int, what: str) -> int:
-    _need(type(value) is int and lo <= value <= hi, "bad-field", what)
-    return int(value)
-
-
-def _str(value: Any, max_len: int, what: str) -> str:
-    _need(isinstance(value, str) and len(value) <= max_len, "bad-field", what)
-    return str(value)
-
-
-def _bytes(value: Any, length: int | None, what: str) -> bytes:
-    _need(isinstance(value, bytes), "bad-field", what)
-    _need(length is None or len(value) == length, "bad-field", what)
-    return bytes(value)
-
-
-def _list(value: Any, fixed: int | None, what: str, max_len: int = MAX_ITEMS) -> list[Any]:
-    _need(isinstance(value, list), "bad-field", what)
-    _need(len(value) <= max_len, "too-large", what)
-    _need(fixed is None or len(value) == fixed, "bad-field", f"{what} arity")
-    return list(value)
-
-
-def _name(value: Any, what: str) -> PeerName:
-    return peer_name_from_bytes(_bytes(value, 6, what))
-
-
-def _endpoint(raw_ip: Any, port: Any) -> Endpoint:
-    ip = _bytes(raw_ip, None, "address")
-    _need(len(ip) in (4, 16), "bad-field", "address length")
-    return _endpoint_cached(ip, _int(port, 1, 65535, "port"))
+_READ = StrictReader(DecodeError)
+"""The shared strict checks (:mod:`weaved.core.codec`), raising :class:`DecodeError`. Bound once to
+module names: these run for every field of every datagram, the simulated network's hottest code."""
+_need = _READ.need
+_int = _READ.integer
+_str = _READ.text
+_bytes = _READ.blob
+_list = _READ.array
+_name = _READ.name
 
 
 @lru_cache(maxsize=65_536)
@@ -326,7 +301,7 @@ def _endpoint_cached(ip: bytes, port: int) -> Endpoint:
 
 
 def _connection(raw: Any) -> ConnectionEntry:
-    cf = _list(raw, 4, "connection")
+    cf = _list(raw, "connection", MAX_ITEMS, 4)
     name, ip, port, flags = cf
     _need(type(name) is bytes and len(name) == 6, "bad-field", "remote")
     _need(type(ip) is bytes and len(ip) in (4, 16), "bad-field", "address")
@@ -342,8 +317,8 @@ def _connection_cached(name: bytes, ip: bytes, port: int, flags: int) -> Connect
 
 
 def _entry(raw: Any) -> PeerEntry:
-    fields = _list(raw, 6, "entry")
-    conns = [_connection(c) for c in _list(fields[5], None, "connections")]
+    fields = _list(raw, "entry", MAX_ITEMS, 6)
+    conns = [_connection(c) for c in _list(fields[5], "connections", MAX_ITEMS)]
     return PeerEntry(
         name=_name(fields[0], "entry name"),
         nickname=_str(fields[1], MAX_NICKNAME, "nickname"),
@@ -355,45 +330,49 @@ def _entry(raw: Any) -> PeerEntry:
 
 
 def _overlays(raw: Any) -> tuple[str, ...]:
-    return tuple(_str(o, MAX_CHANNEL, "overlay") for o in _list(raw, None, "overlays", MAX_OVERLAYS))
+    return tuple(_str(o, MAX_CHANNEL, "overlay") for o in _list(raw, "overlays", MAX_OVERLAYS))
 
 
 def _body(msg_type: MsgType, raw: Any) -> Body:
     match msg_type:
         case MsgType.HELLO:
-            f = _list(raw, 6, "hello")
+            # HELLO must stay readable across versions (so that we can say why we refuse): the first five
+            # fields are fixed for ever, later ones optional, and fields we do not know are ignored.
+            f = _list(raw, "hello", MAX_ITEMS)
+            _need(len(f) >= 5, "bad-field", "hello arity")
+            reachable = _int(f[5], 0, 1 << 32, "reachable") if len(f) > 5 else None
             return Hello(_int(f[0], 0, 255, "version_min"), _int(f[1], 0, 255, "version_max"),
                          _str(f[2], MAX_NICKNAME, "nickname"), ShortID(_int(f[3], 0, 4095, "short_id")),
-                         _overlays(f[4]), _int(f[5], 0, 1 << 32, "reachable"))
+                         _overlays(f[4]), reachable)
         case MsgType.HELLO_ACK:
-            f = _list(raw, 4, "hello_ack")
+            f = _list(raw, "hello_ack", MAX_ITEMS, 4)
             return HelloAck(_int(f[0], 0, 255, "version"), _str(f[1], MAX_NICKNAME, "nickname"),
                             ShortID(_int(f[2], 0, 4095, "short_id")), _overlays(f[3]))
         case MsgType.REJECT:
-            f = _list(raw, 2, "reject")
+            f = _list(raw, "reject", MAX_ITEMS, 2)
             return Reject(_str(f[0], MAX_CHANNEL, "code"), _str(f[1], MAX_REASON, "reason"))
         case MsgType.HEARTBEAT:
-            _list(raw, 0, "heartbeat")
+            _list(raw, "heartbeat", MAX_ITEMS, 0)
             return Heartbeat()
         case MsgType.GOODBYE:
-            _list(raw, 0, "goodbye")
+            _list(raw, "goodbye", MAX_ITEMS, 0)
             return Goodbye()
         case MsgType.GOSSIP_UPDATE:
-            return GossipUpdate(tuple(_entry(e) for e in _list(raw, None, "update")))
+            return GossipUpdate(tuple(_entry(e) for e in _list(raw, "update", MAX_ITEMS)))
         case MsgType.GOSSIP_SUMMARY:
-            f = _list(raw, 2, "summary")
+            f = _list(raw, "summary", MAX_ITEMS, 2)
             return GossipSummary(_bytes(f[0], 8, "hash"), _int(f[1], 0, 1 << 32, "count"))
         case MsgType.GOSSIP_DIGEST:
             items = []
-            for item in _list(raw, None, "digest"):
-                f = _list(item, 3, "digest item")
+            for item in _list(raw, "digest", MAX_ITEMS):
+                f = _list(item, "digest item", MAX_ITEMS, 3)
                 items.append(DigestItem(_name(f[0], "digest name"), _int(f[1], 0, UID_MAX, "version"),
                                         PeerUID(_int(f[2], 0, UID_MAX, "uid"))))
             return GossipDigest(tuple(items))
         case MsgType.GOSSIP_REQUEST:
-            return GossipRequest(tuple(_name(n, "requested name") for n in _list(raw, None, "request")))
+            return GossipRequest(tuple(_name(n, "requested name") for n in _list(raw, "request", MAX_ITEMS)))
         case MsgType.RELAY:
-            f = _list(raw, 5, "relay")
+            f = _list(raw, "relay", MAX_ITEMS, 5)
             dst = None if f[1] is None else _name(f[1], "dst")
             return Relay(_name(f[0], "src"), dst, _str(f[2], MAX_CHANNEL, "channel"),
                          _int(f[3], 0, MAX_TTL, "ttl"), _bytes(f[4], None, "payload"))
@@ -405,23 +384,9 @@ _ANY_VERSION = (MsgType.HELLO, MsgType.REJECT)
 
 def decode(data: bytes) -> Message:
     """Parse one datagram. Raises :class:`DecodeError` (and only that) on anything malformed."""
-    _need(len(data) <= MAX_DATAGRAM, "too-large", f"{len(data)} bytes")
+    raw = _READ.unpack(data, max_size=MAX_DATAGRAM, max_str=MAX_DATAGRAM, max_array=MAX_ITEMS)
     try:
-        raw = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_bin_len=MAX_DATAGRAM,
-            max_str_len=MAX_DATAGRAM,
-            max_array_len=MAX_ITEMS,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many types; all mean "not our format"
-        raise DecodeError("not-msgpack", type(exc).__name__) from None
-    try:
-        envelope = _list(raw, 6, "envelope")
+        envelope = _list(raw, "envelope", MAX_ITEMS, 6)
         _need(envelope[0] == MAGIC, "bad-magic")
         version = _int(envelope[1], 0, 255, "version")
         type_number = _int(envelope[2], 0, 255, "msg_type")

@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from weaved.core.types import PeerName, peer_name_from_bytes, peer_name_to_bytes
+from weaved.core.codec import StrictReader
+from weaved.core.types import PeerName, peer_name_to_bytes
 
 if TYPE_CHECKING:
     from random import Random
@@ -693,26 +694,13 @@ def encode_ring(state: RingState) -> list[Any]:
     ]
 
 
-def _dneed(condition: bool, reason: str, detail: str = "") -> None:
-    if not condition:
-        raise RingDecodeError(reason, detail)
-
-
-def _dint(value: Any, lo: int, hi: int, what: str) -> int:
-    _dneed(type(value) is int and lo <= value <= hi, "bad-field", what)
-    return int(value)
-
-
-def _dlist(value: Any, what: str, max_len: int, fixed: int | None = None) -> list[Any]:
-    _dneed(type(value) is list, "bad-field", what)
-    _dneed(len(value) <= max_len, "too-large", what)
-    _dneed(fixed is None or len(value) == fixed, "bad-field", f"{what} arity")
-    return list(value)
-
-
-def _dname(value: Any, what: str) -> PeerName:
-    _dneed(type(value) is bytes and len(value) == 6, "bad-field", what)
-    return peer_name_from_bytes(value)
+_READ = StrictReader(RingDecodeError)
+"""The shared strict checks and bounded unpack (:mod:`weaved.core.codec`), raising
+:class:`RingDecodeError`."""
+_dneed = _READ.need
+_dint = _READ.integer
+_dlist = _READ.array
+_dname = _READ.name
 
 
 def decode_ring(data: Any) -> RingState:
@@ -756,19 +744,5 @@ def ring_from_bytes(data: bytes) -> RingState:
     """Unpack and :func:`decode_ring`, with msgpack's size limits set so that a small input cannot
     make us allocate a large structure. Raises :class:`RingDecodeError` and nothing else."""
     _dneed(isinstance(data, bytes | bytearray), "bad-field", "bytes expected")
-    _dneed(len(data) <= MAX_ENCODED, "too-large", f"{len(data)} bytes")
-    try:
-        raw = msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_bin_len=64,
-            max_str_len=64,
-            max_array_len=MAX_TOKENS,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many types; all mean "not our format"
-        raise RingDecodeError("not-msgpack", type(exc).__name__) from None
+    raw = _READ.unpack(data, max_size=MAX_ENCODED, max_str=64, max_array=MAX_TOKENS)
     return decode_ring(raw)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from weaved.core.codec import BAD_FIELD, StrictReader
 from weaved.core.ipam.ring import (
     ADDRESS_SPACE,
     MAX_NAMES,
@@ -56,7 +57,7 @@ from weaved.core.ipam.ring import (
     seeded_state,
     valid_peer_name,
 )
-from weaved.core.types import PeerName, peer_name_from_bytes, peer_name_to_bytes
+from weaved.core.types import PeerName, peer_name_to_bytes
 
 if TYPE_CHECKING:
     from random import Random
@@ -483,25 +484,14 @@ def encode_paxos(state: PaxosState) -> list[Any]:
     ]
 
 
-def _dneed(condition: bool, reason: str, detail: str = "") -> None:
-    if not condition:
-        raise SeedingDecodeError(reason, detail)
-
-
-def _dint(value: Any, lo: int, hi: int, what: str) -> int:
-    _dneed(type(value) is int and lo <= value <= hi, "bad-field", what)
-    return int(value)
-
-
-def _dlist(value: Any, what: str, max_len: int, fixed: int | None = None) -> list[Any]:
-    _dneed(type(value) is list and len(value) <= max_len, "bad-field", what)
-    _dneed(fixed is None or len(value) == fixed, "bad-field", f"{what} arity")
-    return list(value)
-
-
-def _dname(value: Any, what: str) -> PeerName:
-    _dneed(type(value) is bytes and len(value) == 6, "bad-field", what)
-    return peer_name_from_bytes(value)
+_READ = StrictReader(SeedingDecodeError, long_list=BAD_FIELD)
+"""The shared strict checks and bounded unpack (:mod:`weaved.core.codec`), raising
+:class:`SeedingDecodeError`. An over-long list has always been ``bad-field`` here (the ring says
+``too-large``); the label is kept so that existing counters keep their meaning."""
+_dneed = _READ.need
+_dint = _READ.integer
+_dlist = _READ.array
+_dname = _READ.name
 
 
 def _dballot(value: Any, what: str) -> Ballot | None:
@@ -544,19 +534,5 @@ def paxos_to_bytes(state: PaxosState) -> bytes:
 def paxos_from_bytes(data: bytes) -> PaxosState:
     """Unpack with msgpack's size limits and :func:`decode_paxos`. Raises only :class:`SeedingDecodeError`."""
     _dneed(isinstance(data, bytes | bytearray), "bad-field", "bytes expected")
-    _dneed(len(data) <= MAX_ENCODED, "too-large", f"{len(data)} bytes")
-    try:
-        raw = msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_bin_len=64,
-            max_str_len=64,
-            max_array_len=MAX_NAMES,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many types; all mean "not our format"
-        raise SeedingDecodeError("not-msgpack", type(exc).__name__) from None
+    raw = _READ.unpack(data, max_size=MAX_ENCODED, max_str=64, max_array=MAX_NAMES)
     return decode_paxos(raw)
