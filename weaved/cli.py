@@ -18,11 +18,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 import weaved
-from weaved.adapters.client import ApiError, Client, DaemonUnreachable, api_address
+from weaved.adapters.client import ALLOCATE_TIMEOUT, TIMEOUT, ApiError, Client, DaemonUnreachable, api_address
+from weaved.adapters.ipam_report import IpamReport
 from weaved.config import ConfigError, add_run_arguments, parse_settings
 from weaved.core.status import MeshStatus
 from weaved.lab import cli as lab_cli
-from weaved.render import VIEWS, render_status
+from weaved.render import IPAM_VIEW, VIEWS, render_ipam, render_status
 
 
 def _fail(message: str, status: int) -> int:
@@ -40,12 +41,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(settings)
 
 
-def _client_command(action: Callable[[Client, argparse.Namespace], str]) -> Callable[[argparse.Namespace], int]:
+def _client_command(action: Callable[[Client, argparse.Namespace], str],
+                    timeout: float = TIMEOUT) -> Callable[[argparse.Namespace], int]:
     """Wrap a client action: build the client from ``--api``, print its output, map failures to one line."""
 
     def command(args: argparse.Namespace) -> int:
         try:
-            client = Client(api_address(args.api, os.environ))
+            client = Client(api_address(args.api, os.environ), timeout)
             output = action(client, args)
         except ConfigError as exc:
             return _fail(str(exc), 2)
@@ -60,12 +62,18 @@ def _client_command(action: Callable[[Client, argparse.Namespace], str]) -> Call
 def _status(client: Client, args: argparse.Namespace) -> str:
     report = client.report()
     version = str(report.pop("version", "unknown"))
+    ipam_json = report.pop("ipam", None)
     try:
         status = MeshStatus.from_json(report)
+        ipam = IpamReport.from_json(ipam_json) if ipam_json is not None else None
     except (KeyError, TypeError) as exc:
         raise ApiError(f"{client.address} sent a report this client does not understand ({exc})") from None
     if args.view is None:
-        return render_status(status, version)
+        return render_status(status, version, ipam)
+    if args.view == IPAM_VIEW:
+        if ipam is None:
+            raise ApiError(f"the daemon at {client.address} runs no IPAM")
+        return render_ipam(ipam)
     return VIEWS[args.view](status)
 
 
@@ -79,6 +87,74 @@ def _connect(client: Client, args: argparse.Namespace) -> str:
 
 def _forget(client: Client, args: argparse.Namespace) -> str:
     return client.forget(args.peer)
+
+
+def _ipam_alloc(client: Client, args: argparse.Namespace) -> str:
+    return client.allocate(args.container_id, args.ifname) + "\n"
+
+
+def _ipam_claim(client: Client, args: argparse.Namespace) -> str:
+    return client.claim(args.container_id, args.ifname, args.address) + "\n"
+
+
+def _ipam_release(client: Client, args: argparse.Namespace) -> str:
+    client.release(args.container_id)
+    return ""
+
+
+def _ipam_leases(client: Client, args: argparse.Namespace) -> str:
+    leases = client.leases()
+    if args.json:
+        return json.dumps(leases, indent=2) + "\n"
+    return "".join(f"{lease.get('address', '?'):<18} {lease.get('ifname', '?'):<8} {lease.get('container_id', '?')}\n"
+                   for lease in leases)
+
+
+def _ipam_gateway(client: Client, _: argparse.Namespace) -> str:
+    return client.gateway() + "\n"
+
+
+def _rmpeer(client: Client, args: argparse.Namespace) -> str:
+    return client.rmpeer(args.peer)
+
+
+def _add_ipam_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ipam = commands.add_parser("ipam", help="container addresses: alloc, claim, release, leases, gateway",
+                               description="Ask the local daemon for pod addresses, as the CNI plugin does.")
+    actions = ipam.add_subparsers(title="actions", metavar="ACTION", required=True)
+
+    alloc = actions.add_parser("alloc", help="allocate an address for a container (the same one when asked again)")
+    alloc.add_argument("container_id", metavar="ID")
+    alloc.add_argument("--ifname", default="eth0", help="the container's interface (default eth0)")
+    _add_api_argument(alloc)
+    alloc.set_defaults(func=_client_command(_ipam_alloc, ALLOCATE_TIMEOUT))
+
+    claim = actions.add_parser("claim", help="lease a given address to a container")
+    claim.add_argument("container_id", metavar="ID")
+    claim.add_argument("address", metavar="IP")
+    claim.add_argument("--ifname", default="eth0", help="the container's interface (default eth0)")
+    _add_api_argument(claim)
+    claim.set_defaults(func=_client_command(_ipam_claim))
+
+    release = actions.add_parser("release", help="release every address of a container")
+    release.add_argument("container_id", metavar="ID")
+    _add_api_argument(release)
+    release.set_defaults(func=_client_command(_ipam_release))
+
+    leases = actions.add_parser("leases", help="list this peer's leases")
+    leases.add_argument("--json", action="store_true", help="as JSON")
+    _add_api_argument(leases)
+    leases.set_defaults(func=_client_command(_ipam_leases))
+
+    gateway = actions.add_parser("gateway", help="this node's own address on the pod network")
+    _add_api_argument(gateway)
+    gateway.set_defaults(func=_client_command(_ipam_gateway, ALLOCATE_TIMEOUT))
+
+    rmpeer = commands.add_parser("rmpeer", help="give a dead peer's addresses to the living peers",
+                                 description="Remove a dead peer from IPAM; safe to run on several peers at once.")
+    rmpeer.add_argument("peer", metavar="NAME", help="the peer's name or nickname")
+    _add_api_argument(rmpeer)
+    rmpeer.set_defaults(func=_client_command(_rmpeer))
 
 
 def _add_api_argument(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     status = commands.add_parser("status", help="show the mesh status, like 'weave status'")
-    status.add_argument("view", nargs="?", choices=sorted(VIEWS), help="a detailed view instead of the summary")
+    status.add_argument("view", nargs="?", choices=sorted([*VIEWS, IPAM_VIEW]),
+                        help="a detailed view instead of the summary")
     _add_api_argument(status)
     status.set_defaults(func=_client_command(_status))
 
@@ -114,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api_argument(forget)
     forget.set_defaults(func=_client_command(_forget))
 
+    _add_ipam_commands(commands)
     lab_cli.register(commands)
     return parser
 

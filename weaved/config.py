@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from weaved.core.ipam.ring import AddressRange
+from weaved.core.ipam.seeding import ConsensusInit, InitMode, ObserverInit, SeedInit, parse_init
 from weaved.core.wire import MAX_NICKNAME
 
 DEFAULT_PORT = 6783
@@ -30,6 +32,8 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
 DEFAULT_METRICS_ADDR = "0.0.0.0:6782"
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_STATE_DIR = "/var/lib/weave"
+DEFAULT_IPALLOC_RANGE = "10.32.0.0/12"
+DEFAULT_IPALLOC_INIT = "consensus"
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -68,6 +72,10 @@ class Settings:
     state_dir: Path
     log_format: LogFormat
     log_level: str
+    ipalloc_range: AddressRange
+    """The pod network every peer allocates from (``IPALLOC_RANGE``)."""
+    ipalloc_init: InitMode
+    """How the peers agree on the first split of the range (``IPALLOC_INIT``)."""
 
 
 def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -157,6 +165,43 @@ def _nickname(flag: str | None, env: Mapping[str, str], hostname: str) -> str:
     return derived[:MAX_NICKNAME]
 
 
+def parse_ipalloc_range(text: str) -> AddressRange:
+    """``IPALLOC_RANGE``: an IPv4 CIDR with its host bits zero (``10.32.0.0/12``). The prefix length is
+    required: a bare address would silently mean a pod network of one address."""
+    try:
+        if "/" not in text:
+            raise ValueError("no prefix length")
+        return AddressRange.from_cidr(text)
+    except ValueError as exc:
+        raise ConfigError(f"--ipalloc-range/IPALLOC_RANGE: {text.strip()!r} is not an IPv4 network in CIDR form "
+                          f"like {DEFAULT_IPALLOC_RANGE} ({exc})") from None
+
+
+def parse_ipalloc_init(text: str, initial_peers: int) -> InitMode:
+    """``IPALLOC_INIT``: ``consensus[=N]``, ``seed=NAME,...`` or ``observer``.
+
+    Bare ``consensus`` counts the peers we were given plus ourselves, as Weave's Kubernetes launch script
+    does with ``KUBE_PEERS``: consensus is only safe when N is the real number of initial peers, so every
+    node must be started with the same peer list (or with an explicit ``consensus=N``).
+    """
+    try:
+        return parse_init(text, initial_peers)
+    except ValueError as exc:
+        raise ConfigError(f"--ipalloc-init/IPALLOC_INIT: {exc}") from None
+
+
+def describe_init(mode: InitMode) -> str:
+    """The ``IPALLOC_INIT`` text of a parsed mode (for logs and status)."""
+    match mode:
+        case ConsensusInit(peers=peers):
+            return f"consensus={peers}"
+        case SeedInit(names=names):
+            return "seed=" + ",".join(names)
+        case ObserverInit():
+            return "observer"
+    raise TypeError(f"not an init mode: {mode!r}")  # pragma: no cover - exhaustive match
+
+
 def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: str) -> Settings:
     """Merge flags (argparse's namespace as a dict, ``None`` = not given) over the environment.
 
@@ -195,8 +240,13 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
                          "--log-format/WEAVE_LOG_FORMAT")
     log_level = _choice(flags.get("log_level") or env.get("WEAVE_LOG_LEVEL") or "info", LOG_LEVELS,
                         "--log-level/WEAVE_LOG_LEVEL")
+    unique_peers = tuple(dict.fromkeys(peers))  # a peer named twice (flag and KUBE_PEERS) is dialled once
+    ipalloc_range = parse_ipalloc_range(flags.get("ipalloc_range") or env.get("IPALLOC_RANGE", "").strip()
+                                        or DEFAULT_IPALLOC_RANGE)
+    ipalloc_init = parse_ipalloc_init(flags.get("ipalloc_init") or env.get("IPALLOC_INIT", "").strip()
+                                      or DEFAULT_IPALLOC_INIT, len(unique_peers) + 1)
     return Settings(
-        peers=tuple(dict.fromkeys(peers)),  # a peer named twice (flag and KUBE_PEERS) is dialled once
+        peers=unique_peers,
         port=port,
         host=host,
         conn_limit=conn_limit,
@@ -206,6 +256,8 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         state_dir=Path(state_dir_text),
         log_format="json" if log_format == "json" else "console",
         log_level=log_level,
+        ipalloc_range=ipalloc_range,
+        ipalloc_init=ipalloc_init,
     )
 
 
@@ -227,3 +279,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", metavar="FORMAT", help="console or json (WEAVE_LOG_FORMAT, default console)")
     parser.add_argument("--log-level", metavar="LEVEL",
                         help="debug, info, warning or error (WEAVE_LOG_LEVEL, default info)")
+    parser.add_argument("--ipalloc-range", metavar="CIDR",
+                        help=f"pod network to allocate from (IPALLOC_RANGE, default {DEFAULT_IPALLOC_RANGE})")
+    parser.add_argument("--ipalloc-init", metavar="MODE",
+                        help="consensus[=N], seed=NAME,... or observer (IPALLOC_INIT, default consensus=N "
+                             "with N = the peers given plus this one)")

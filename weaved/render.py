@@ -1,14 +1,17 @@
-"""Text views of a :class:`~weaved.core.status.MeshStatus`, shaped like ``weave status``.
+"""Text views of a :class:`~weaved.core.status.MeshStatus` and an
+:class:`~weaved.adapters.ipam_report.IpamReport`, shaped like ``weave status``.
 
 Pure functions from a snapshot to text: the HTTP API serves them and the CLI prints them after fetching
 ``/report``, so both show the same thing. Operators who know Weave Net's output (and scripts that grep it)
-find the same labels, the same right-aligned columns and the same ``<-``/``->`` arrows.
+find the same labels, the same right-aligned columns, the same ``<-``/``->`` arrows and the same
+``- unreachable!`` marks.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from weaved.adapters.ipam_report import IpamReport
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus
 
 CONNECTION_STATE_ORDER = ("established", "pending", "connecting", "retrying", "failed")
@@ -18,6 +21,8 @@ _LABEL_WIDTH = 15
 _ADDRESS_WIDTH = 21
 _STATE_WIDTH = 11
 _PEER_WIDTH = 36
+_OWNER_WIDTH = 35
+"""``name(nickname)`` column of ``weaved status ipam``: a peer name and a short nickname fit."""
 
 
 def label(name: str | None, nickname: str | None) -> str:
@@ -44,8 +49,8 @@ def established_peer_connections(status: MeshStatus) -> int:
     return sum(1 for p in status.peers for c in p.connections if c.established)
 
 
-def render_status(status: MeshStatus, version: str) -> str:
-    """The ``weave status`` summary for the router service."""
+def render_status(status: MeshStatus, version: str, ipam: IpamReport | None = None) -> str:
+    """The ``weave status`` summary: the router service, then the ipam service when there is one."""
     rows: list[tuple[str, str]] = [("Version", version), ("", "")]
     conns = f"{len(status.connections)}"
     if counts := connection_counts(status.connections):
@@ -63,6 +68,14 @@ def render_status(status: MeshStatus, version: str) -> str:
         ("Connections", conns),
         ("Peers", peers),
     ]
+    if ipam is not None:
+        rows += [
+            ("", ""),
+            ("Service", "ipam"),
+            ("Status", ipam.state),
+            ("Range", ipam.range),
+            ("DefaultSubnet", ipam.default_subnet),
+        ]
     return "".join(f"{key:>{_LABEL_WIDTH}}: {value}\n" if key else "\n" for key, value in rows)
 
 
@@ -95,6 +108,26 @@ def render_targets(status: MeshStatus) -> str:
     """One address per line, as ``weave status targets`` prints them."""
     return "".join(t + "\n" for t in status.targets)
 
+
+def render_ipam(report: IpamReport) -> str:
+    """``weave status ipam``: one line per owner, largest first, with our leases and the owners the mesh
+    does not reach marked; before the ring exists, the reason allocations wait."""
+    if not report.owners:
+        return report.state + "\n"
+    lines = []
+    for owner in report.owners:
+        line = f"{label(owner.name, owner.nickname):<{_OWNER_WIDTH}} {owner.addresses:>8} IPs " \
+               f"({owner.percent:.1f}% of total)"
+        if owner.active is not None:
+            line += f" ({owner.active} active)"
+        if not owner.reachable:
+            line += " - unreachable!"
+        lines.append(line)
+    return "".join(line + "\n" for line in lines)
+
+
+IPAM_VIEW = "ipam"
+"""``weaved status ipam``: rendered from the report's IPAM part, not from the mesh snapshot."""
 
 VIEWS = {
     "peers": render_peers,

@@ -5,18 +5,24 @@ from __future__ import annotations
 import io
 import random
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import anyio
 import pytest
 from anyio.abc import SocketAttribute, TaskGroup, UDPSocket
 
 from weaved.adapters.daemon import RECEIVE_BATCH, Node
+from weaved.adapters.ipam import open_allocator
 from weaved.adapters.logs import configure_logging, reset_logging
+from weaved.adapters.store import SnapshotStore
 from weaved.adapters.udp import open_control_socket
 from weaved.config import HostPort
+from weaved.core.ipam.ring import AddressRange
+from weaved.core.ipam.seeding import SeedInit
 from weaved.core.mesh import MeshConfig, MeshPeer
 from weaved.core.types import Endpoint, PeerIdentity, PeerUID, default_short_id, derive_peer_name
 from weaved.core.wire import Hello, decode
@@ -53,10 +59,16 @@ def logs() -> Iterator[io.StringIO]:
 
 @contextmanager
 def loopback_node(nickname: str) -> Iterator[Node]:
-    """A node on its own control socket on 127.0.0.1 (a port the kernel picks), its pump not started."""
-    with open_control_socket("127.0.0.1", 0) as sock:
+    """A node on its own control socket on 127.0.0.1 (a port the kernel picks), its pump not started; its
+    IPAM owns a /24 alone and keeps its state in a temporary directory."""
+    me = identity(nickname)
+    with open_control_socket("127.0.0.1", 0) as sock, tempfile.TemporaryDirectory() as state_dir:
+        store = SnapshotStore(Path(state_dir))
+        allocator, nicknames = open_allocator(me.name, AddressRange.from_cidr("10.32.0.0/24"), SeedInit((me.name,)),
+                                              store, random.Random(7))
         config = MeshConfig(port=sock.getsockname()[1], anti_entropy_interval=QUIET.anti_entropy_interval)
-        yield Node(MeshPeer(identity(nickname), config, random.Random(7), now=time.monotonic()), sock)
+        yield Node(MeshPeer(me, config, random.Random(7), now=time.monotonic()), sock, allocator, store,
+                   nicknames=nicknames)
 
 
 @asynccontextmanager

@@ -12,10 +12,12 @@ from weaved.config import (
     ConfigError,
     HostPort,
     Settings,
+    describe_init,
     parse_host_port,
     parse_peer_list,
     parse_settings,
 )
+from weaved.core.ipam.seeding import ConsensusInit, SeedInit
 
 
 def settings(env: dict[str, str] | None = None, hostname: str = "node-0", **flags: Any) -> Settings:
@@ -139,3 +141,51 @@ def test_cli_reports_a_bad_setting_in_one_line_with_status_2(capsys: pytest.Capt
 def test_cli_client_commands_reject_a_malformed_api_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--api", "127.0.0.1:notaport"]) == 2
     assert capsys.readouterr().err.startswith("weaved: --api/WEAVE_HTTP_ADDR: port must be a number")
+
+
+def test_ipam_defaults_follow_weave_on_kubernetes() -> None:
+    s = settings()
+    assert str(s.ipalloc_range) == "10.32.0.0/12"
+    assert s.ipalloc_init == ConsensusInit(1), "no peers given: ourselves only"
+    two = settings({"KUBE_PEERS": "10.0.0.2 10.0.0.3"}, peer=["10.0.0.2"])
+    assert two.ipalloc_init == ConsensusInit(3), "the distinct peers given, plus ourselves"
+    assert describe_init(two.ipalloc_init) == "consensus=3"
+
+
+def test_ipam_settings_from_environment_and_flags() -> None:
+    s = settings({"IPALLOC_RANGE": " 10.40.0.0/23 ", "IPALLOC_INIT": "consensus=5"})
+    assert (str(s.ipalloc_range), s.ipalloc_range.size) == ("10.40.0.0/23", 512)
+    assert s.ipalloc_init == ConsensusInit(5)
+    names = "aa:bb:cc:dd:ee:02,AA:BB:CC:DD:EE:01"
+    s = settings({"IPALLOC_INIT": "observer"}, ipalloc_range="192.168.0.0/16", ipalloc_init="seed=" + names)
+    assert str(s.ipalloc_range) == "192.168.0.0/16"
+    assert s.ipalloc_init == SeedInit(("aa:bb:cc:dd:ee:01", "aa:bb:cc:dd:ee:02"))
+    assert describe_init(s.ipalloc_init) == "seed=aa:bb:cc:dd:ee:01,aa:bb:cc:dd:ee:02"
+    assert describe_init(settings({"IPALLOC_INIT": "observer"}).ipalloc_init) == "observer"
+
+
+@pytest.mark.parametrize(("flags", "env", "fragment"), [
+    ({}, {"IPALLOC_RANGE": "10.32.0.1/12"}, "--ipalloc-range/IPALLOC_RANGE: '10.32.0.1/12' is not an IPv4 network"),
+    ({}, {"IPALLOC_RANGE": "10.32.0.1/12"}, "host bits set"),
+    ({"ipalloc_range": "10.32.0.0"}, {}, "no prefix length"),
+    ({"ipalloc_range": "2001:db8::/64"}, {}, "IPv4 range required"),
+    ({"ipalloc_range": "banana"}, {}, "--ipalloc-range/IPALLOC_RANGE"),
+    ({}, {"IPALLOC_INIT": "consensus=x"}, "--ipalloc-init/IPALLOC_INIT: consensus=N needs a number"),
+    ({}, {"IPALLOC_INIT": "consensus=0"}, "--ipalloc-init/IPALLOC_INIT: consensus needs the number"),
+    ({"ipalloc_init": "seed=nobody"}, {}, "--ipalloc-init/IPALLOC_INIT: seed= needs peer names"),
+    ({"ipalloc_init": "leader"}, {}, "must be consensus[=N], seed=NAME,... or observer"),
+])
+def test_bad_ipam_settings_give_one_line_errors(flags: dict[str, Any], env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(flags, env, "node-0")
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_a_bad_ipalloc_range_with_status_2(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPALLOC_RANGE", "10.32.0.0/40")
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weaved: --ipalloc-range/IPALLOC_RANGE: '10.32.0.0/40' is not an IPv4 network")
+    assert err.count("\n") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from weaved.adapters.ipam_report import IpamOwner, IpamReport
 from weaved.adapters.metrics import metrics_registry
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerStatus
 
@@ -61,3 +62,32 @@ def test_each_scrape_reads_a_fresh_snapshot() -> None:
     registry = metrics_registry(lambda: next(snapshots))
     assert b'weaved_datagrams_total{direction="rx"} 1.0' in generate_latest(registry)
     assert b'weaved_datagrams_total{direction="rx"} 5.0' in generate_latest(registry)
+
+
+def test_ipam_metrics_use_weaves_names() -> None:
+    report = IpamReport(
+        state="ready", range="10.32.0.0/24", default_subnet="10.32.0.0/24", size=256, owned=128, free=120,
+        leases=7, pending=2,
+        owners=[IpamOwner("aa:bb:cc:dd:ee:01", "n1", 128, 50.0, True, 7),
+                IpamOwner("aa:bb:cc:dd:ee:02", "n2", 64, 25.0, False, None),
+                IpamOwner("aa:bb:cc:dd:ee:03", "n3", 64, 25.0, True, None)],
+        rejected={"ring-entry-in-my-range": 3}, counters={"dropped_too-large": 1, "store_errors": 4},
+    )
+    text = generate_latest(metrics_registry(lambda: status({}, []), lambda: report)).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("weave_ips", (("state", "local-used"),))] == 7
+    assert samples[("weave_ips", (("state", "local-owned"),))] == 128
+    assert samples[("weave_ips", (("state", "local-free"),))] == 120
+    assert samples[("weave_max_ips", ())] == 256
+    assert samples[("weave_ipam_unreachable_count", ())] == 1
+    assert samples[("weave_ipam_unreachable_percentage", ())] == 25.0
+    assert samples[("weave_ipam_pending_allocates", ())] == 2
+    assert samples[("weaved_ipam_rejected_total", (("reason", "ring-entry-in-my-range"),))] == 3
+    assert samples[("weaved_ipam_dropped_messages_total", (("reason", "too-large"),))] == 1
+    assert samples[("weaved_ipam_store_errors_total", ())] == 4
+    assert samples[("weave_peers", ())] == 3, "the mesh collector is still there"
+
+
+def test_without_ipam_there_are_no_ipam_series() -> None:
+    assert all(not name.startswith(("weave_ips", "weave_ipam", "weaved_ipam")) for name, _ in scrape(status({}, [])))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from weaved.adapters.ipam_report import IpamOwner, IpamReport
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus, PeerStatus
 from weaved.render import (
     VIEWS,
     connection_counts,
     label,
     render_connections,
+    render_ipam,
     render_peers,
     render_status,
     render_targets,
@@ -112,3 +114,49 @@ def test_views_survive_a_json_round_trip() -> None:
     for view in VIEWS.values():
         assert view(rebuilt) == view(original)
     assert render_status(rebuilt, "x") == render_status(original, "x")
+
+
+def ipam_report(**changes: object) -> IpamReport:
+    report = IpamReport(
+        state="ready", range="10.32.0.0/12", default_subnet="10.32.0.0/12", size=1 << 20, owned=524288,
+        free=524275, leases=12, pending=0,
+        owners=[
+            IpamOwner(N0, "node-0", 524288, 50.0, True, 12),
+            IpamOwner(N1, "node-1", 393216, 37.5, True, None),
+            IpamOwner(N2, None, 131072, 12.5, False, None),
+        ],
+        rejected={"ring-entry-in-my-range": 1}, counters={"dropped_too-large": 2},
+    )
+    return dataclasses.replace(report, **changes)  # type: ignore[arg-type]
+
+
+def test_status_summary_adds_the_ipam_service_like_weave() -> None:
+    text = render_status(snapshot(), "0.1.0", ipam_report(state="awaiting consensus (quorum 2, known 1)"))
+    assert text == render_status(snapshot(), "0.1.0") + (
+        "\n"
+        "        Service: ipam\n"
+        "         Status: awaiting consensus (quorum 2, known 1)\n"
+        "          Range: 10.32.0.0/12\n"
+        "  DefaultSubnet: 10.32.0.0/12\n"
+    )
+
+
+def test_ipam_view_lists_owners_with_our_leases_and_unreachable_marks() -> None:
+    assert render_ipam(ipam_report()) == (
+        "42:8e:e8:c4:52:1b(node-0)             524288 IPs (50.0% of total) (12 active)\n"
+        "7e:21:4a:70:2f:45(node-1)             393216 IPs (37.5% of total)\n"
+        "7e:ae:cd:d5:23:8d                     131072 IPs (12.5% of total) - unreachable!\n"
+    )
+
+
+def test_ipam_view_before_the_ring_exists_says_why_allocations_wait() -> None:
+    waiting = ipam_report(state="awaiting consensus (quorum 2, known 1)", owners=[], owned=0, free=0, leases=0)
+    assert render_ipam(waiting) == "awaiting consensus (quorum 2, known 1)\n"
+
+
+def test_ipam_report_survives_a_json_round_trip() -> None:
+    original = ipam_report()
+    rebuilt = IpamReport.from_json(original.to_json())
+    assert rebuilt == original
+    assert render_ipam(rebuilt) == render_ipam(original)
+    assert original.unreachable_percent == 12.5

@@ -15,6 +15,24 @@ Routes (all answers ``text/plain`` except ``/report`` and ``/metrics``):
 * ``POST /connect?peer=HOST[:PORT]`` and ``POST /forget?peer=...``: add or drop dial targets
   (``peer`` may repeat, and may also come form-encoded in the body as Weave's CLI sends it),
 * ``GET /metrics`` when a registry is given (Weave serves it here as well as on the metrics port).
+
+IPAM, for the CNI plugin and the CLI, when an :class:`IpamControl` is given (Weave's paths where it has them):
+
+* ``POST /ip/{id}?ifname=eth0``: an address for the container's interface, as ``10.32.0.5/12``; asking
+  again returns the same one. It waits for seeding or space as long as the allocator allows, then fails
+  with 503 and the reason (``awaiting consensus (quorum 2, known 1)`` …),
+* ``GET /ip/{id}?ifname=eth0``: the address a container's interface holds (404 if none),
+* ``PUT /ip/{id}/{ip}[/{prefix}]?ifname=eth0``: claim a given address (409 if another peer owns it or
+  another container holds it),
+* ``DELETE /ip/{id}``: release every address of a container (idempotent, 204),
+* ``GET /ip``: every lease as JSON ``[{container_id, ifname, address}]``,
+* ``GET /ipam/gateway``: this node's own address on the pod network,
+* ``DELETE /peer/{name-or-nickname}``: ``rmpeer``, give a dead peer's addresses to the living,
+* ``GET /status/ipam``: the text of ``weave status ipam``; ``/status`` and ``/report`` include IPAM too.
+
+Every IPAM answer that follows a change is sent only once the change is on disk (see
+:mod:`weaved.adapters.ipam`). Errors are one line of text: 400 for a bad request, 404 for an unknown peer,
+409 for a conflict, 503 when IPAM cannot serve (not seeded in time, out of space, state not saved).
 """
 
 from __future__ import annotations
@@ -25,12 +43,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 import weaved
+from weaved.adapters.ipam import DEFAULT_IFNAME
+from weaved.adapters.ipam_report import IpamReport
 from weaved.adapters.metrics import metrics_handler
 from weaved.adapters.resolve import ResolveError
 from weaved.config import ConfigError, HostPort, parse_peer
+from weaved.core.ipam.allocator import AllocError, Lease
 from weaved.core.status import MeshStatus
-from weaved.core.types import Endpoint
-from weaved.render import VIEWS, render_status
+from weaved.core.types import Endpoint, PeerName
+from weaved.render import IPAM_VIEW, VIEWS, render_ipam, render_status
 
 
 class MeshControl(Protocol):
@@ -49,7 +70,47 @@ class MeshControl(Protocol):
         ...
 
 
+class IpamControl(Protocol):
+    """What the API needs from the daemon's IPAM (:class:`~weaved.adapters.ipam.IpamService`). Every method
+    that can fail raises :class:`AllocError`; its ``code`` picks the HTTP status."""
+
+    @property
+    def prefix_length(self) -> int: ...
+
+    def leases(self) -> list[Lease]: ...
+
+    def report(self) -> IpamReport: ...
+
+    def label(self, name: str) -> str: ...
+
+    async def allocate(self, container_id: str, ifname: str) -> Lease: ...
+
+    async def gateway(self) -> Lease: ...
+
+    async def claim(self, container_id: str, ifname: str, address: str) -> Lease: ...
+
+    async def release(self, container_id: str) -> list[Lease]: ...
+
+    async def rmpeer(self, peer: str) -> tuple[PeerName, int]: ...
+
+
 CONTROL_KEY = web.AppKey("control", MeshControl)
+IPAM_KEY = web.AppKey("ipam", IpamControl)
+
+HTTP_STATUS = {
+    "bad-request": 400,
+    "reserved": 400,
+    "unknown-peer": 404,
+    "owned-elsewhere": 409,
+    "in-use": 409,
+    "released": 409,
+    "ring": 409,
+    "self": 409,
+    "reachable": 409,
+    "ambiguous": 409,
+}
+"""HTTP status by :class:`AllocError` code; anything else (``not-ready``, ``timeout``, ``removed``, ``store``)
+is 503: IPAM cannot serve now, and the CNI plugin may retry."""
 
 
 def _text(body: str, status: int = 200) -> web.Response:
@@ -71,20 +132,33 @@ async def _peer_args(request: web.Request) -> list[HostPort]:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
 
 
+def _ipam_report(request: web.Request) -> IpamReport | None:
+    ipam = request.app.get(IPAM_KEY)
+    return ipam.report() if ipam is not None else None
+
+
 async def status(request: web.Request) -> web.Response:
-    return _text(render_status(request.app[CONTROL_KEY].snapshot(), weaved.__version__))
+    return _text(render_status(request.app[CONTROL_KEY].snapshot(), weaved.__version__, _ipam_report(request)))
 
 
 async def status_view(request: web.Request) -> web.Response:
-    view = VIEWS.get(request.match_info["view"])
+    name = request.match_info["view"]
+    ipam = _ipam_report(request)
+    if name == IPAM_VIEW and ipam is not None:
+        return _text(render_ipam(ipam))
+    view = VIEWS.get(name)
     if view is None:
-        raise web.HTTPNotFound(text=f"unknown status view; try one of: {', '.join(VIEWS)}\n")
+        names = [*VIEWS, IPAM_VIEW] if ipam is not None else list(VIEWS)
+        raise web.HTTPNotFound(text=f"unknown status view; try one of: {', '.join(names)}\n")
     return _text(view(request.app[CONTROL_KEY].snapshot()))
 
 
 async def report(request: web.Request) -> web.Response:
     snapshot = request.app[CONTROL_KEY].snapshot()
-    return web.json_response({"version": weaved.__version__, **snapshot.to_json()})
+    body = {"version": weaved.__version__, **snapshot.to_json()}
+    if (ipam := _ipam_report(request)) is not None:
+        body["ipam"] = ipam.to_json()
+    return web.json_response(body)
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -115,8 +189,93 @@ async def forget(request: web.Request) -> web.Response:
     return await _for_each_peer(request, "forget")
 
 
-def api_app(control: MeshControl, registry: CollectorRegistry | None = None) -> web.Application:
-    """The API application for ``control``; with ``registry``, ``/metrics`` too."""
+# --- IPAM ---------------------------------------------------------------------------------------------
+
+
+_ERRORS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict, 503: web.HTTPServiceUnavailable,
+}
+
+
+def _refused(exc: AllocError) -> web.HTTPException:
+    return _ERRORS[HTTP_STATUS.get(exc.code, 503)](text=f"{exc}\n")
+
+
+def _ifname(request: web.Request) -> str:
+    return request.query.get("ifname", DEFAULT_IFNAME)
+
+
+def _cidr(ipam: IpamControl, lease: Lease) -> str:
+    return f"{lease.ip()}/{ipam.prefix_length}"
+
+
+async def ip_allocate(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    try:
+        lease = await ipam.allocate(request.match_info["id"], _ifname(request))
+    except AllocError as exc:
+        raise _refused(exc) from None
+    return _text(_cidr(ipam, lease))
+
+
+async def ip_lookup(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    key = (request.match_info["id"], _ifname(request))
+    lease = next((lease for lease in ipam.leases() if (lease.container_id, lease.ifname) == key), None)
+    if lease is None:
+        raise web.HTTPNotFound(text=f"no address for {key[0]} on {key[1]}\n")
+    return _text(_cidr(ipam, lease))
+
+
+async def ip_claim(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    prefix = request.match_info.get("prefix")
+    if prefix is not None and prefix != str(ipam.prefix_length):
+        raise web.HTTPBadRequest(text=f"prefix length /{prefix} is not the pod network's /{ipam.prefix_length}\n")
+    try:
+        lease = await ipam.claim(request.match_info["id"], _ifname(request), request.match_info["ip"])
+    except AllocError as exc:
+        raise _refused(exc) from None
+    return _text(_cidr(ipam, lease))
+
+
+async def ip_release(request: web.Request) -> web.Response:
+    try:
+        await request.app[IPAM_KEY].release(request.match_info["id"])
+    except AllocError as exc:
+        raise _refused(exc) from None
+    return web.Response(status=204)
+
+
+async def ip_leases(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    return web.json_response([
+        {"container_id": lease.container_id, "ifname": lease.ifname, "address": _cidr(ipam, lease)}
+        for lease in ipam.leases()
+    ])
+
+
+async def ipam_gateway(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    try:
+        lease = await ipam.gateway()
+    except AllocError as exc:
+        raise _refused(exc) from None
+    return _text(_cidr(ipam, lease))
+
+
+async def rmpeer(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    try:
+        name, taken = await ipam.rmpeer(request.match_info["peer"])
+    except AllocError as exc:
+        raise _refused(exc) from None
+    return _text(f"{taken} IPs taken over from {ipam.label(name)}\n")
+
+
+def api_app(control: MeshControl, registry: CollectorRegistry | None = None,
+            ipam: IpamControl | None = None) -> web.Application:
+    """The API application for ``control``; with ``registry``, ``/metrics`` too; with ``ipam``, the IPAM routes."""
     app = web.Application()
     app[CONTROL_KEY] = control
     app.router.add_get("/status", status)
@@ -127,4 +286,14 @@ def api_app(control: MeshControl, registry: CollectorRegistry | None = None) -> 
     app.router.add_post("/forget", forget)
     if registry is not None:
         app.router.add_get("/metrics", metrics_handler(registry))
+    if ipam is not None:
+        app[IPAM_KEY] = ipam
+        app.router.add_post("/ip/{id}", ip_allocate)
+        app.router.add_get("/ip/{id}", ip_lookup)
+        app.router.add_delete("/ip/{id}", ip_release)
+        app.router.add_put("/ip/{id}/{ip}", ip_claim)
+        app.router.add_put("/ip/{id}/{ip}/{prefix}", ip_claim)
+        app.router.add_get("/ip", ip_leases)
+        app.router.add_get("/ipam/gateway", ipam_gateway)
+        app.router.add_delete("/peer/{peer}", rmpeer)
     return app

@@ -1,9 +1,10 @@
 """A small client for the daemon's local HTTP API, on the standard library only.
 
-The CLI's client commands (``weaved status``, ``report``, ``connect``, ``forget``) are short-lived: stdlib
-``urllib`` keeps them quick to start and free of the daemon's dependencies. Failures become one of two
-exceptions whose text is a single line for the operator: :class:`DaemonUnreachable` (nothing answers, the
-usual case being that the daemon is not running) and :class:`ApiError` (it answered, with an error).
+The CLI's client commands (``weaved status``, ``report``, ``connect``, ``forget``, ``ipam``, ``rmpeer``) are
+short-lived: stdlib ``urllib`` keeps them quick to start and free of the daemon's dependencies. Failures
+become one of two exceptions whose text is a single line for the operator: :class:`DaemonUnreachable`
+(nothing answers, the usual case being that the daemon is not running) and :class:`ApiError` (it answered,
+with an error).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from weaved.config import DEFAULT_HTTP_ADDR, parse_host_port
 
 TIMEOUT = 5.0
 """Seconds to wait for the daemon; it answers from memory, so anything longer means trouble."""
+ALLOCATE_TIMEOUT = 60.0
+"""Seconds to wait for an address: the first one waits for the peers to agree on the range, and the daemon
+itself gives up after 30 s with the reason, which is better to show than a client-side timeout."""
 
 
 class DaemonUnreachable(Exception):
@@ -51,7 +55,7 @@ class Client:
         url = f"http://{self.address}{path}"
         if params:
             url += "?" + urllib.parse.urlencode(params)
-        request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        request = urllib.request.Request(url, method=method, data=b"" if method in ("POST", "PUT") else None)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 body: bytes = response.read()
@@ -85,4 +89,35 @@ class Client:
 
     def forget(self, peer: str) -> str:
         return self.request("POST", "/forget", {"peer": peer})
+
+    def allocate(self, container_id: str, ifname: str) -> str:
+        """The container interface's address as a CIDR (the same one when asked again)."""
+        return self.request("POST", f"/ip/{_segment(container_id)}", {"ifname": ifname}).strip()
+
+    def claim(self, container_id: str, ifname: str, address: str) -> str:
+        return self.request("PUT", f"/ip/{_segment(container_id)}/{_segment(address)}", {"ifname": ifname}).strip()
+
+    def release(self, container_id: str) -> None:
+        self.request("DELETE", f"/ip/{_segment(container_id)}")
+
+    def leases(self) -> list[dict[str, str]]:
+        text = self.request("GET", "/ip")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise ApiError(f"{self.address} answered /ip with something that is not JSON") from None
+        if not (isinstance(data, list) and all(isinstance(item, dict) for item in data)):
+            raise ApiError(f"{self.address} answered /ip with unexpected JSON")
+        return data
+
+    def gateway(self) -> str:
+        return self.request("GET", "/ipam/gateway").strip()
+
+    def rmpeer(self, peer: str) -> str:
+        return self.request("DELETE", f"/peer/{_segment(peer)}")
+
+
+def _segment(text: str) -> str:
+    """One path segment: container ids and nicknames may hold characters a URL path cannot."""
+    return urllib.parse.quote(text, safe="")
 

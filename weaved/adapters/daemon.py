@@ -5,11 +5,14 @@ Theory of operation
 One anyio task group on the asyncio backend holds everything:
 
 * the **pump** (:meth:`Node.pump`, run by the host task): wait until the control socket is readable or
-  the core's ``next_deadline()`` passed; feed the core what the kernel holds (``receive_datagram``, at most
-  :data:`RECEIVE_BATCH` datagrams per wake-up so timers and the API get their turn) or, once the deadline
-  passed, ``handle_timer``; then send whatever the core queued and log its events. The control socket is a
-  plain non-blocking socket (see :mod:`weaved.adapters.udp` for why) that only the pump reads and writes;
-  only this module reads the clock (``time.monotonic``), and passes ``now`` to the core.
+  the earliest ``next_deadline()`` of the mesh core and the IPAM allocator passed; feed the core what the
+  kernel holds (``receive_datagram``, at most :data:`RECEIVE_BATCH` datagrams per wake-up so timers and the
+  API get their turn) or, once a deadline passed, ``handle_timer``; then log the core's events and hand them
+  to IPAM (its relay messages, peers joining and leaving), let IPAM commit (its state is written and
+  fsync'd *before* its messages go to the mesh and its waiting API requests are answered: see
+  :mod:`weaved.adapters.ipam`), and send whatever the core queued. The control socket is a plain
+  non-blocking socket (see :mod:`weaved.adapters.udp` for why) that only the pump reads and writes; only
+  this module reads the clock (``time.monotonic``), and passes ``now`` to the core and the allocator.
 * the HTTP API and the metrics server (aiohttp, each a task from :func:`~weaved.adapters.webserver.serve_app`),
 * a resolver for ``--peer`` host names, retrying those DNS cannot answer yet,
 * the periodic ``mesh summary`` log line,
@@ -18,8 +21,9 @@ One anyio task group on the asyncio backend holds everything:
 
 API handlers run on the same thread and call the core directly. When one adds a target, the next deadline
 moves earlier, so it **wakes** the pump by cancelling the scope the pump waits in; the pump then re-reads
-``next_deadline()`` and dials at once. The pump only waits for readability, so a cancelled wait loses
-nothing: the datagrams stay in the kernel's receive buffer.
+``next_deadline()`` and dials at once. An IPAM request wakes it the same way, to be committed at once. The
+pump only waits for readability, so a cancelled wait loses nothing: the datagrams stay in the kernel's
+receive buffer.
 """
 
 from __future__ import annotations
@@ -42,15 +46,18 @@ from anyio.abc import TaskStatus
 import weaved
 from weaved.adapters.api import api_app
 from weaved.adapters.identity import IdentityError, load_identity
+from weaved.adapters.ipam import IpamService, open_allocator
 from weaved.adapters.logs import configure_logging, describe_event, describe_summary, emit
 from weaved.adapters.metrics import metrics_app, metrics_registry
 from weaved.adapters.resolve import ResolveError, resolve
+from weaved.adapters.store import SnapshotStore, StoreError
 from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSender, errno_name, open_control_socket
 from weaved.adapters.webserver import ListenError, serve_app
-from weaved.config import HostPort, Settings
+from weaved.config import HostPort, Settings, describe_init
+from weaved.core.ipam.allocator import Allocator
 from weaved.core.mesh import MeshConfig, MeshPeer
 from weaved.core.status import MeshStatus
-from weaved.core.types import Endpoint, PeerIdentity
+from weaved.core.types import Endpoint, PeerIdentity, PeerName
 
 SUMMARY_INTERVAL = 30.0
 """Seconds between ``mesh summary`` log lines."""
@@ -67,11 +74,14 @@ class StartupError(Exception):
 
 
 class Node:
-    """Owns the core and the control socket; implements :class:`~weaved.adapters.api.MeshControl`."""
+    """Owns the core, the allocator and the control socket; implements
+    :class:`~weaved.adapters.api.MeshControl` (and its :attr:`ipam` the API's ``IpamControl``)."""
 
-    def __init__(self, peer: MeshPeer, sock: socket.socket, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, peer: MeshPeer, sock: socket.socket, allocator: Allocator, store: SnapshotStore, *,
+                 nicknames: dict[str, str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         """``sock`` is the bound, non-blocking control socket (:func:`~weaved.adapters.udp.open_control_socket`);
-        the caller closes it after :meth:`pump` returned."""
+        the caller closes it after :meth:`pump` returned. ``allocator`` and ``nicknames`` come from
+        :func:`~weaved.adapters.ipam.open_allocator` over ``store``."""
         self.peer = peer
         self._sock = sock
         self._clock = clock
@@ -82,6 +92,8 @@ class Node:
         self._wake_scope: anyio.CancelScope | None = None
         self._ready = False
         self._stopping = False
+        self.ipam = IpamService(allocator, store, peer.identity.nickname, nicknames=nicknames, clock=clock,
+                                wake=self.wake)
 
     # --- MeshControl (the API's view) -------------------------------------------------------------
 
@@ -129,14 +141,23 @@ class Node:
         """Drive the core until :meth:`stop`; the one place that feeds it datagrams and timers."""
         while not self._stopping:
             now = self._clock()
-            deadline = self.peer.next_deadline()
-            if deadline is not None and deadline <= now:
-                self.peer.handle_timer(now)
+            deadline = min((d for d in (self.peer.next_deadline(), self.ipam.next_deadline()) if d is not None),
+                           default=None)
+            if self.ipam.needs_commit:
+                await anyio.lowlevel.checkpoint()  # an API call changed IPAM: commit it before sleeping
+            elif deadline is not None and deadline <= now:
+                self._handle_timers(now)
                 await anyio.lowlevel.checkpoint()  # a run of overdue timers must not starve the API
             elif await self._readable_within(math.inf if deadline is None else deadline - now):
                 self._drain()
             await self._flush()
         await self._flush()  # the goodbyes queued by leave()
+
+    def _handle_timers(self, now: float) -> None:
+        deadline = self.peer.next_deadline()
+        if deadline is not None and deadline <= now:
+            self.peer.handle_timer(now)
+        self.ipam.handle_timer(now)
 
     async def _readable_within(self, timeout: float) -> bool:
         """Wait for a datagram to arrive, for ``timeout`` seconds at most or until :meth:`wake`."""
@@ -177,8 +198,14 @@ class Node:
     async def _flush(self) -> None:
         for event in self.peer.events():
             emit(self._log, describe_event(event))
+            self.ipam.on_event(event, self._reachable)
+        await self.ipam.commit(self.peer.send_relay)
         for data, destination in self.peer.datagrams_to_send():
             await self._sender.send(data, destination)
+
+    def _reachable(self) -> set[PeerName]:
+        """The peers the mesh has a route to now (we are never among them)."""
+        return set(self.peer.topology.next_hops()) - {self.peer.identity.name}
 
     # --- helper tasks -----------------------------------------------------------------------------
 
@@ -219,6 +246,12 @@ class Node:
 async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], float] = time.monotonic) -> None:
     """Run the daemon until SIGTERM/SIGINT; raises :class:`StartupError` or :class:`ListenError` early on."""
     log = structlog.get_logger("weaved")
+    store = SnapshotStore(settings.state_dir)
+    try:
+        allocator, nicknames = open_allocator(identity.name, settings.ipalloc_range, settings.ipalloc_init, store,
+                                              random.Random())
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
     try:
         sock = open_control_socket(settings.host, settings.port)
     except OSError as exc:
@@ -226,13 +259,15 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
     with sock:
         peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit),
                         random.Random(), now=clock(), initial_version=int(time.time() * 1000))
-        node = Node(peer, sock, clock)
-        registry = metrics_registry(node.snapshot)
+        node = Node(peer, sock, allocator, store, nicknames=nicknames, clock=clock)
+        registry = metrics_registry(node.snapshot, node.ipam.report)
         log.info("weaved starting", version=weaved.__version__, name=identity.name, nickname=identity.nickname,
-                 short_id=identity.short_id, port=settings.port, peers=",".join(map(str, settings.peers)) or "-")
+                 short_id=identity.short_id, port=settings.port, peers=",".join(map(str, settings.peers)) or "-",
+                 ipalloc_range=str(settings.ipalloc_range), ipalloc_init=describe_init(settings.ipalloc_init),
+                 ipam=node.ipam.report().state)
         async with anyio.create_task_group() as tg:
             await tg.start(node.watch_signals)
-            await tg.start(serve_app, api_app(node, registry), settings.http_addr, "the HTTP API")
+            await tg.start(serve_app, api_app(node, registry, node.ipam), settings.http_addr, "the HTTP API")
             await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
             node.set_ready()
             log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))

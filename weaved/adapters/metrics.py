@@ -9,7 +9,13 @@ each scrape and turns it into metric families. Names follow Weave Net where it h
 counters ending in ``_total``). Every known connection state is always exported, at 0 when empty, so that
 alerts like ``weave_connections{state="failed"} > 0`` do not depend on a series appearing.
 
-The collector sits in a registry of its own (plus the process collector), not the global default one,
+IPAM has a collector of its own over the daemon's :class:`~weaved.adapters.ipam_report.IpamReport`, with
+Weave's names (``weave_ips{state="local-used"}``, ``weave_max_ips``, ``weave_ipam_unreachable_count``,
+``weave_ipam_unreachable_percentage``, ``weave_ipam_pending_allocates``) so Weave's dashboards and alerts
+(``WeaveNetIPAMUnreachable``, ``WeaveNetIPAMSplitBrain``) keep working, plus ``local-owned`` and
+``local-free`` states and ``weaved_ipam_*`` counters for what Weave does not export.
+
+The collectors sit in a registry of their own (plus the process collector), not the global default one,
 so tests and several daemons in one process never share series.
 """
 
@@ -24,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from weaved.adapters.ipam_report import IpamReport
 from weaved.adapters.udp import SEND_ERROR_PREFIX
 from weaved.core.status import MeshStatus
 from weaved.render import CONNECTION_STATE_ORDER
@@ -82,10 +89,49 @@ class MeshCollector(Collector):
         yield send_errors
 
 
-def metrics_registry(snapshot: Callable[[], MeshStatus]) -> CollectorRegistry:
-    """A registry with the mesh collector and process metrics (CPU, memory, open fds)."""
+class IpamCollector(Collector):
+    """Metric families for this peer's IPAM, computed from ``report()`` at each collection."""
+
+    def __init__(self, report: Callable[[], IpamReport]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterable[Metric]:
+        report = self._report()
+        ips = GaugeMetricFamily("weave_ips", "Number of IP addresses of this peer, by state.", labels=["state"])
+        ips.add_metric(["local-used"], report.leases)
+        ips.add_metric(["local-owned"], report.owned)
+        ips.add_metric(["local-free"], report.free)
+        yield ips
+        yield GaugeMetricFamily("weave_max_ips", "Size of IP address space used by allocator.", value=report.size)
+        unreachable = [o for o in report.owners if not o.reachable]
+        yield GaugeMetricFamily("weave_ipam_unreachable_count", "Number of unreachable peers that own addresses.",
+                                value=len(unreachable))
+        yield GaugeMetricFamily("weave_ipam_unreachable_percentage",
+                                "Percentage of IP addresses owned by unreachable peers.",
+                                value=report.unreachable_percent)
+        yield GaugeMetricFamily("weave_ipam_pending_allocates", "Number of pending allocates.", value=report.pending)
+
+        rejected = CounterMetricFamily("weaved_ipam_rejected", "IPAM messages and remote states refused, by reason.",
+                                       labels=["reason"])
+        for reason, value in sorted(report.rejected.items()):
+            rejected.add_metric([reason], value)
+        yield rejected
+        dropped = CounterMetricFamily("weaved_ipam_dropped_messages", "IPAM messages not sent, by reason.",
+                                      labels=["reason"])
+        for reason, value in _labelled(report.counters, DROPPED_PREFIX):
+            dropped.add_metric([reason], value)
+        yield dropped
+        yield CounterMetricFamily("weaved_ipam_store_errors", "Failed writes of the IPAM state file.",
+                                  value=report.counters.get("store_errors", 0))
+
+
+def metrics_registry(snapshot: Callable[[], MeshStatus],
+                     ipam: Callable[[], IpamReport] | None = None) -> CollectorRegistry:
+    """A registry with the mesh collector, the IPAM collector when given, and process metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MeshCollector(snapshot))
+    if ipam is not None:
+        registry.register(IpamCollector(ipam))
     ProcessCollector(registry=registry)
     return registry
 
