@@ -144,7 +144,9 @@ def teardown_and_check(lab: Lab, before: HostSnapshot) -> None:
     proc = lab.run("down", check=False)
     after = HostSnapshot.take()
     assert proc.returncode == 0, f"lab down failed: {proc.stderr}"
-    assert after.netns == before.netns, f"namespaces changed: {set(after.netns) ^ set(before.netns)}"
+    # Other test sessions may build and remove their own namespaces meanwhile: judge only this lab's.
+    left = [line for line in after.netns if line.split()[0].startswith(f"wl-{lab.name}-")]
+    assert not left, f"namespaces left behind: {left}"
     assert after.links == before.links, f"host links changed: {set(after.links) ^ set(before.links)}"
     assert not Path(f"/run/weaved-lab/{lab.name}").exists()
 
