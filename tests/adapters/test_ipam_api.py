@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,6 @@ from weaved.adapters.api import api_app
 from weaved.adapters.client import ApiError, Client
 from weaved.adapters.daemon import Node
 from weaved.adapters.ipam import GATEWAY_ID, REMOVED_STATE, IpamService
-from weaved.adapters.logs import configure_logging, reset_logging
 from weaved.adapters.metrics import metrics_registry
 from weaved.adapters.store import SnapshotStore, Stored
 from weaved.adapters.udp import open_control_socket
@@ -46,14 +45,6 @@ T = TypeVar("T")
 
 RANGE = AddressRange.from_cidr("10.44.0.0/24")
 OTHER = derive_peer_name("test/other")
-
-
-@pytest.fixture(autouse=True)
-def logs() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    configure_logging("console", "info", out)
-    yield out
-    reset_logging()
 
 
 def identity(nickname: str) -> PeerIdentity:

@@ -17,7 +17,6 @@ from anyio.abc import SocketAttribute, TaskGroup, UDPSocket
 
 from weaved.adapters.daemon import RECEIVE_BATCH, Node
 from weaved.adapters.ipam import open_allocator
-from weaved.adapters.logs import configure_logging, reset_logging
 from weaved.adapters.store import SnapshotStore
 from weaved.adapters.udp import open_control_socket
 from weaved.config import HostPort
@@ -47,14 +46,6 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) 
         while not predicate():
             await anyio.sleep(0.01)
     assert predicate(), what
-
-
-@pytest.fixture(autouse=True)
-def logs() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    configure_logging("console", "info", out)
-    yield out
-    reset_logging()
 
 
 @contextmanager
