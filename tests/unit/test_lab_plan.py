@@ -103,6 +103,16 @@ def test_is_lab_netns_matches_only_this_labs_scheme() -> None:
     assert not is_lab_netns("a", "a-n1")
 
 
+def test_pod_namespaces_belong_to_their_lab_only() -> None:
+    assert is_lab_netns("a", "wl-a-n1-p1")
+    assert is_lab_netns("a", "wl-a-n12-web")
+    # lab "a-n1"'s switch and nodes are not lab "a"'s pods, nor are lab "a-n1"'s pods
+    assert not is_lab_netns("a", "wl-a-n1-sw")
+    assert not is_lab_netns("a", "wl-a-n1-n2")
+    assert not is_lab_netns("a", "wl-a-n1-n2-web")
+    assert is_lab_netns("a-n1", "wl-a-n1-n2-web")
+
+
 # --- plan and state ------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,9 @@ STATE_VERSION = 1
 
 _LAB_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
 _NODE_RE = re.compile(r"^n([1-9][0-9]*)$")
+_POD_NETNS_RE = re.compile(r"^n[1-9][0-9]*-(?!sw$)(?!n[0-9]+$)[a-z0-9]{1,8}$")
+"""A pod's namespace is ``wl-LAB-NODE-POD`` (see :mod:`weaved.lab.pods`). Pods are never called ``sw`` or
+like a node, so lab ``a``'s pods cannot be mistaken for lab ``a-n1``'s switch or nodes."""
 
 
 class LabError(Exception):
@@ -95,7 +98,7 @@ def is_lab_netns(lab: str, netns: str) -> bool:
     if not netns.startswith(prefix):
         return False
     rest = netns[len(prefix) :]
-    return rest == "sw" or _NODE_RE.match(rest) is not None
+    return rest == "sw" or _NODE_RE.match(rest) is not None or _POD_NETNS_RE.match(rest) is not None
 
 
 def node_address(node: str) -> ipaddress.IPv4Interface:
