@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,28 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class PodRecord:
+    """One pod as ``state.json`` keeps it."""
+
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    address: str | None = None
+    """``10.32.0.5/12`` as the plugin's result gave it; None until ADD succeeded."""
+    result: dict[str, Any] | None = None
+    """The chain's final ADD result, cached for DEL as libcni caches it."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.node}/{self.name}"
+
+    @property
+    def ip(self) -> str | None:
+        return None if self.address is None else self.address.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
 class LabState:
     name: str
     switch_netns: str
@@ -144,6 +166,7 @@ class LabState:
     partition: list[list[str]] | None = None
     daemons: bool = True
     """False for ``up --no-daemons``: a bare underlay."""
+    pods: list[PodRecord] = field(default_factory=list)
     version: int = STATE_VERSION
 
     def node(self, name: str) -> NodeRecord:
@@ -168,7 +191,8 @@ class LabState:
         if data.get("version") != STATE_VERSION:
             raise LabError(f"lab state has version {data.get('version')!r}, this weaved knows {STATE_VERSION}")
         nodes = [NodeRecord(**n) for n in data["nodes"]]
-        return cls(**{**data, "nodes": nodes})
+        pods = [PodRecord(**p) for p in data.get("pods", [])]
+        return cls(**{**data, "nodes": nodes, "pods": pods})
 
 
 def plan_lab(lab: str, count: int, python: str, root: Path = LAB_ROOT, *, daemons: bool = True) -> LabState:

@@ -15,35 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from weaved.lab.plan import NETNS_PREFIX, LabError
+from weaved.lab.plan import NETNS_PREFIX, LabError, PodRecord
 
 POD_IFNAME = "eth0"
 MAX_POD_NAME = 8
 MAX_PODS_PER_NODE = 16
 _POD_NAME_RE = re.compile(r"^(?!sw$)(?!n[0-9]+$)[a-z0-9]{1,8}$")
 """Not ``sw`` nor a node's name: see :data:`weaved.lab.plan._POD_NETNS_RE`."""
-
-
-@dataclass(frozen=True)
-class PodRecord:
-    """One pod as ``state.json`` keeps it."""
-
-    name: str
-    node: str
-    netns: str
-    container_id: str
-    address: str | None = None
-    """``10.32.0.5/12`` as the plugin's result gave it; None until ADD succeeded."""
-    result: dict[str, Any] | None = None
-    """The chain's final ADD result, cached for DEL as libcni caches it."""
-
-    @property
-    def label(self) -> str:
-        return f"{self.node}/{self.name}"
-
-    @property
-    def ip(self) -> str | None:
-        return None if self.address is None else self.address.split("/", 1)[0]
 
 
 def validate_pod_name(name: str) -> str:
