@@ -32,11 +32,19 @@ def _fail(message: str, status: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    hostname = socket.gethostname()
     try:
-        settings = parse_settings(vars(args), os.environ, socket.gethostname())
+        settings = parse_settings(vars(args), os.environ, hostname)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     from weaved.adapters.daemon import run  # heavy imports, only for the daemon
+
+    if settings.kube is not None:
+        from weaved.adapters.logs import configure_logging
+        from weaved.k8s.agent import with_kube_peers
+
+        configure_logging(settings.log_format, settings.log_level)
+        settings = with_kube_peers(settings, lambda env: parse_settings(vars(args), env, hostname), os.environ)
 
     return run(settings)
 
