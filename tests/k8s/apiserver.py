@@ -65,6 +65,8 @@ class ApiServer:
         """Per request kind ("list", "watch", "get-cm", "put-cm"): HTTP statuses to answer next."""
         self.requests: Counter[str] = Counter()
         self.conflicts = 0
+        self.get_delay = 0.0
+        """Seconds each ConfigMap GET waits before answering: lets racing clients all read one version."""
         self.url = ""
 
     # --- state changes by tests -------------------------------------------------------------------
@@ -193,7 +195,10 @@ class ApiServer:
         key = (request.match_info["ns"], request.match_info["name"])
         if key not in self.configmaps:
             return web.json_response(status_body(404, "NotFound", f'configmaps "{key[1]}" not found'), status=404)
-        return web.json_response(self.configmaps[key])
+        current = copy.deepcopy(self.configmaps[key])
+        if self.get_delay:  # answer with what was current when the request arrived
+            await asyncio.sleep(self.get_delay)
+        return web.json_response(current)
 
     async def _put_cm(self, request: web.Request) -> web.Response:
         failure = self._failure("put-cm")
