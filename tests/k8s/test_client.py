@@ -28,14 +28,14 @@ async def test_a_wrong_token_is_a_readable_401(api: ApiServer, tmp_path: Path) -
     bad = tmp_path / "bad"
     bad.write_text("nope")
     async with KubeClient(KubeConfig(api.url, bad)) as kube:
-        with pytest.raises(KubeError, match="^HTTP 401: Unauthorized$") as info:
+        with pytest.raises(KubeError, match=r"^HTTP 401: Unauthorized$") as info:
             await kube.list_nodes()
     assert info.value.status == 401
 
 
 async def test_a_missing_token_file_is_named(api: ApiServer, tmp_path: Path) -> None:
     async with KubeClient(KubeConfig(api.url, tmp_path / "absent")) as kube:
-        with pytest.raises(KubeError, match="cannot read the service account token .*absent"):
+        with pytest.raises(KubeError, match=r"cannot read the service account token .*absent"):
             await kube.list_nodes()
 
 

@@ -19,7 +19,7 @@ from weaved.core.ipam.ring import AddressRange
 from weaved.core.ipam.seeding import SeedInit
 from weaved.core.kube.registry import GONE_PREFIX, gone_key
 from weaved.core.types import PeerName, derive_peer_name
-from weaved.k8s.client import KubeClient, KubeConfig, KubeError
+from weaved.k8s.client import KubeClient, KubeError
 from weaved.k8s.reclaimer import Reclaimer
 
 pytestmark = pytest.mark.anyio
