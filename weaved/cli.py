@@ -22,6 +22,7 @@ from weaved.adapters.client import ALLOCATE_TIMEOUT, TIMEOUT, ApiError, Client, 
 from weaved.adapters.ipam_report import IpamReport
 from weaved.config import ConfigError, add_run_arguments, parse_settings
 from weaved.core.status import MeshStatus
+from weaved.k8s import install as cni_install
 from weaved.lab import cli as lab_cli
 from weaved.render import IPAM_VIEW, VIEWS, render_ipam, render_status
 
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_ipam_commands(commands)
     lab_cli.register(commands)
+    cni_install.register(commands)
     return parser
 
 
