@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -206,9 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRA_ARGS_ENV = "EXTRA_ARGS"
+"""Extra ``weaved run`` flags in one variable (Weave Net's DaemonSet setting), split like a shell would."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
+    extra = os.environ.get(EXTRA_ARGS_ENV, "").strip()
+    if extra and getattr(args, "func", None) is cmd_run:
+        try:
+            args = parser.parse_args([*given, *shlex.split(extra)])
+        except ValueError as exc:
+            return _fail(f"{EXTRA_ARGS_ENV}: {exc}", 2)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
