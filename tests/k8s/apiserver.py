@@ -52,7 +52,9 @@ class _Watcher:
 
 
 class ApiServer:
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = TOKEN) -> None:
+        self.token = token
+        """The bearer token every request must carry; None: none (``kubectl proxy`` style)."""
         self.version = 100
         self.nodes: dict[str, dict[str, Any]] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
@@ -138,7 +140,7 @@ class ApiServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response(status_body(401, "Unauthorized", "Unauthorized"), status=401)
         response: web.StreamResponse = await handler(request)
         return response

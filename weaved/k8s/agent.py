@@ -8,8 +8,9 @@ is logged and retried (:mod:`weaved.k8s.discovery`, :mod:`weaved.k8s.reclaimer`)
 * :func:`~weaved.k8s.discovery.follow_nodes`: a Node with an address becomes a target
   (``connect``), a Node that lost its address or was deleted stops being one (``forget``);
 * reclaim rounds (:class:`~weaved.k8s.reclaimer.Reclaimer`), one at a time: at start (registration,
-  before the Nodes are known nothing is claimed), after every deletion or full list, and every
-  :data:`~weaved.k8s.reclaimer.SWEEP_INTERVAL` seconds;
+  before the Nodes are known nothing is claimed), after every deletion or full list, every
+  :data:`~weaved.k8s.reclaimer.SWEEP_INTERVAL` seconds, and soon again (:data:`POSTPONED_RETRY`, backing
+  off) after a round whose rmpeer was refused;
 * readable log lines for each Node change and reclaim outcome.
 """
 
@@ -31,6 +32,9 @@ from weaved.k8s.discovery import Backoff, follow_nodes
 from weaved.k8s.reclaimer import SWEEP_INTERVAL, Reclaimer, Remover
 from weaved.k8s.settings import KubeSettings
 
+POSTPONED_RETRY = 2.0
+"""Seconds before a refused rmpeer is tried again (doubling up to the sweep interval): a deleted Node's
+peer usually stays reachable for the mesh's heartbeat timeout after its machine died."""
 INITIAL_LIST_DEADLINE = 60.0
 """Seconds ``weaved run`` keeps trying to list the Nodes before it starts without them."""
 
@@ -56,12 +60,28 @@ async def run_kube(kube: KubeSettings, config: KubeConfig, targets: Targets, rem
         lock = anyio.Lock()
         listed = False
 
+        retry = Backoff(rng, low=POSTPONED_RETRY, high=sweep_interval)
+        retry_pending = False
+
         async def reclaim_round() -> None:
+            nonlocal retry_pending
             async with lock:
                 try:
-                    await reclaimer.reconcile(view.names() if listed else None)
+                    result = await reclaimer.reconcile(view.names() if listed else None)
                 except KubeError as exc:
                     log.warning("reclaim round failed, will retry", error=str(exc))
+                    return
+            if not result.postponed:
+                retry.reset()
+            elif not retry_pending:  # e.g. the dead peer is still reachable for a few seconds: retry soon
+                retry_pending = True
+                tg.start_soon(retry_later, retry.next())
+
+        async def retry_later(delay: float) -> None:
+            nonlocal retry_pending
+            await anyio.sleep(delay)
+            retry_pending = False
+            await reclaim_round()
 
         async def on_changes(changes: NodeChanges, relisted: bool) -> None:
             nonlocal listed
