@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from weaved.adapters.client import ALLOCATE_TIMEOUT, TIMEOUT, ApiError, Client, 
 from weaved.adapters.ipam_report import IpamReport
 from weaved.config import ConfigError, add_run_arguments, parse_settings
 from weaved.core.status import MeshStatus
+from weaved.k8s import install as cni_install
 from weaved.lab import cli as lab_cli
 from weaved.render import IPAM_VIEW, VIEWS, render_ipam, render_status
 
@@ -32,11 +34,19 @@ def _fail(message: str, status: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    hostname = socket.gethostname()
     try:
-        settings = parse_settings(vars(args), os.environ, socket.gethostname())
+        settings = parse_settings(vars(args), os.environ, hostname)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     from weaved.adapters.daemon import run  # heavy imports, only for the daemon
+
+    if settings.kube is not None:
+        from weaved.adapters.logs import configure_logging
+        from weaved.k8s.agent import with_kube_peers
+
+        configure_logging(settings.log_format, settings.log_level)
+        settings = with_kube_peers(settings, lambda env: parse_settings(vars(args), env, hostname), os.environ)
 
     return run(settings)
 
@@ -193,12 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_ipam_commands(commands)
     lab_cli.register(commands)
+    cni_install.register(commands)
     return parser
+
+
+EXTRA_ARGS_ENV = "EXTRA_ARGS"
+"""Extra ``weaved run`` flags in one variable (Weave Net's DaemonSet setting), split like a shell would."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
+    extra = os.environ.get(EXTRA_ARGS_ENV, "").strip()
+    if extra and getattr(args, "func", None) is cmd_run:
+        try:
+            args = parser.parse_args([*given, *shlex.split(extra)])
+        except ValueError as exc:
+            return _fail(f"{EXTRA_ARGS_ENV}: {exc}", 2)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

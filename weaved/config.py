@@ -25,6 +25,7 @@ from typing import Any, Literal
 from weaved.core.ipam.ring import AddressRange
 from weaved.core.ipam.seeding import ConsensusInit, InitMode, ObserverInit, SeedInit, parse_init
 from weaved.core.wire import MAX_NICKNAME
+from weaved.k8s.settings import KubeSettingError, KubeSettings, parse_kube_settings
 
 DEFAULT_PORT = 6783
 DEFAULT_CONN_LIMIT = 200
@@ -76,6 +77,8 @@ class Settings:
     """The pod network every peer allocates from (``IPALLOC_RANGE``)."""
     ipalloc_init: InitMode
     """How the peers agree on the first split of the range (``IPALLOC_INIT``)."""
+    kube: KubeSettings | None = None
+    """Node discovery and reclaim through the Kubernetes API (in a cluster, or ``--kube``)."""
 
 
 def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -245,6 +248,10 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
                                         or DEFAULT_IPALLOC_RANGE)
     ipalloc_init = parse_ipalloc_init(flags.get("ipalloc_init") or env.get("IPALLOC_INIT", "").strip()
                                       or DEFAULT_IPALLOC_INIT, len(unique_peers) + 1)
+    try:
+        kube = parse_kube_settings(flags.get("kube"), env, hostname)
+    except KubeSettingError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(
         peers=unique_peers,
         port=port,
@@ -258,6 +265,7 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         log_level=log_level,
         ipalloc_range=ipalloc_range,
         ipalloc_init=ipalloc_init,
+        kube=kube,
     )
 
 
@@ -284,3 +292,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ipalloc-init", metavar="MODE",
                         help="consensus[=N], seed=NAME,... or observer (IPALLOC_INIT, default consensus=N "
                              "with N = the peers given plus this one)")
+    parser.add_argument("--kube", action=argparse.BooleanOptionalAction, default=None,
+                        help="find peers among the cluster's Nodes and reclaim deleted Nodes' addresses "
+                             "(default: on when KUBERNETES_SERVICE_HOST is set)")

@@ -10,6 +10,7 @@ import pytest
 from weaved.adapters.identity import (
     MACHINE_ID_FILE,
     PEER_NAME_FILE,
+    SALT_FILE,
     IdentityError,
     load_identity,
     write_atomically,
@@ -26,7 +27,9 @@ def machine_id_file(tmp_path: Path, content: str = "0123456789abcdef0123456789ab
 def test_first_start_derives_the_name_from_machine_id_and_nickname(tmp_path: Path) -> None:
     state = tmp_path / "state"
     identity = load_identity(state, "node-1", machine_id_file(tmp_path))
-    assert identity.name == derive_peer_name("0123456789abcdef0123456789abcdef/node-1")
+    salt = (state / SALT_FILE).read_text().strip()
+    assert len(salt) == 16
+    assert identity.name == derive_peer_name(f"0123456789abcdef0123456789abcdef/node-1/{salt}")
     assert identity.nickname == "node-1"
     assert identity.short_id == default_short_id(identity.name)
     assert (state / PEER_NAME_FILE).read_text() == identity.name + "\n"
@@ -53,7 +56,8 @@ def test_without_a_machine_id_a_random_one_is_made_and_kept(tmp_path: Path) -> N
     first = load_identity(state, "node-1", missing)
     made_up = (state / MACHINE_ID_FILE).read_text().strip()
     assert len(made_up) == 32
-    assert first.name == derive_peer_name(made_up + "/node-1")
+    salt = (state / SALT_FILE).read_text().strip()
+    assert first.name == derive_peer_name(f"{made_up}/node-1/{salt}")
     (state / PEER_NAME_FILE).unlink()
     assert load_identity(state, "node-1", missing).name == first.name, "same made-up machine id, same name"
 
@@ -85,3 +89,20 @@ def test_atomic_write_replaces_and_leaves_no_temporary_file(tmp_path: Path) -> N
     write_atomically(target, "two")
     assert target.read_text() == "two"
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_a_wiped_state_dir_gives_a_new_name_on_the_same_machine(tmp_path: Path) -> None:
+    """Same machine id, same node name, new state: a new peer (IPAM tombstones burn old names for ever)."""
+    mid = machine_id_file(tmp_path)
+    first = load_identity(tmp_path / "state", "node-1", mid)
+    again = load_identity(tmp_path / "state", "node-1", mid)
+    wiped = load_identity(tmp_path / "fresh", "node-1", mid)
+    assert again.name == first.name
+    assert wiped.name != first.name
+
+
+def test_the_salt_survives_a_lost_name_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = load_identity(state, "node-1", machine_id_file(tmp_path))
+    (state / PEER_NAME_FILE).unlink()
+    assert load_identity(state, "node-1", machine_id_file(tmp_path)).name == first.name

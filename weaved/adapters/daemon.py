@@ -273,9 +273,27 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
             log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
             tg.start_soon(node.resolve_peers, settings.peers)
             tg.start_soon(node.log_summaries)
+            if settings.kube is not None:  # Node discovery and reclaim (weaved.k8s)
+                tg.start_soon(_run_kube, settings, node)
             await node.pump()
             tg.cancel_scope.cancel()
     log.info("weaved stopped")
+
+
+async def _run_kube(settings: Settings, node: Node) -> None:
+    """The Kubernetes task (:mod:`weaved.k8s.agent`); imported here only when it runs."""
+    import os
+
+    from weaved.k8s.agent import api_config, run_kube
+    from weaved.k8s.client import KubeError
+
+    assert settings.kube is not None
+    try:
+        config = api_config(settings.kube, os.environ)
+    except KubeError as exc:
+        structlog.get_logger("weaved").error("kubernetes mode off", error=str(exc))
+        return
+    await run_kube(settings.kube, config, node, node.ipam, node.peer.identity.name, settings.port)
 
 
 def _startup_errors(group: BaseExceptionGroup[Any]) -> list[str]:

@@ -4,9 +4,16 @@ Theory of operation
 -------------------
 Other peers remember us by name (their topology and, later, IPAM ownership refer to it), so the name must
 stay the same across restarts and upgrades: it is kept in ``STATE_DIR/peer-name``. The first start derives
-it from the machine id and the nickname, like Weave Net hashes ``/etc/machine-id``: two nodes cloned from
-one image share a machine id but not a node name, and two daemons on one machine (the lab, the tests)
-differ by nickname. A machine without ``/etc/machine-id`` gets a random one, persisted next to the name.
+it from the machine id, the nickname and a salt, like Weave Net hashes ``/etc/machine-id``: two nodes
+cloned from one image share a machine id but not a node name, and two daemons on one machine (the lab, the
+tests) differ by nickname. A machine without ``/etc/machine-id`` gets a random one, persisted next to the
+name.
+
+The salt (``STATE_DIR/peer-salt``, random, made once) ties the name to *this state directory*: a node that
+comes back with the same machine and node name but a wiped state directory is a new peer with a new name.
+It must be: IPAM's ``rmpeer`` tombstones a name for ever (docs/ipam.md), and Kubernetes reclaim
+(:mod:`weaved.core.kube.registry`) removes the old name when a Node is deleted or comes back with
+another peer, so reusing the name would leave the new peer refused by the ring.
 
 The UID is drawn afresh at every start: a new UID is how other peers tell a restart from a long silence.
 Files are written atomically (temporary file, fsync, rename, fsync of the directory) so that a crash
@@ -32,6 +39,7 @@ from weaved.core.types import (
 
 PEER_NAME_FILE = "peer-name"
 MACHINE_ID_FILE = "machine-id"
+SALT_FILE = "peer-salt"
 SYSTEM_MACHINE_ID = Path("/etc/machine-id")
 
 
@@ -77,6 +85,16 @@ def machine_id(state_dir: Path, system_path: Path = SYSTEM_MACHINE_ID) -> str:
     return made_up
 
 
+def salt(state_dir: Path) -> str:
+    """This state directory's random salt, made on first use (see the module docstring)."""
+    ours = _read_stripped(state_dir / SALT_FILE)
+    if ours:
+        return ours
+    made_up = secrets.token_hex(8)
+    write_atomically(state_dir / SALT_FILE, made_up + "\n")
+    return made_up
+
+
 def load_peer_name(state_dir: Path, nickname: str, system_machine_id: Path = SYSTEM_MACHINE_ID) -> PeerName:
     """The persisted name, derived and saved on first start."""
     path = state_dir / PEER_NAME_FILE
@@ -86,7 +104,7 @@ def load_peer_name(state_dir: Path, nickname: str, system_machine_id: Path = SYS
             return peer_name_from_bytes(peer_name_to_bytes(PeerName(stored.lower())))
         except ValueError:
             raise IdentityError(f"{path} holds {stored[:40]!r}, not a peer name; fix or delete it") from None
-    name = derive_peer_name(machine_id(state_dir, system_machine_id) + "/" + nickname)
+    name = derive_peer_name(machine_id(state_dir, system_machine_id) + "/" + nickname + "/" + salt(state_dir))
     write_atomically(path, name + "\n")
     return name
 

@@ -1,0 +1,5 @@
+import sys
+
+from weaved.demo.services import main
+
+sys.exit(main())
