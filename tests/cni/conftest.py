@@ -143,7 +143,8 @@ class Node:
         data: dict[str, Any] = json.loads((self.netd / "10-weave.conflist").read_text())
         return data
 
-    def ns(self, *argv: str, check: bool = True, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def ns(self, *argv: str, check: bool = True, timeout: float = 60,
+           **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", self.netns, *argv], check=check, timeout=timeout, **kwargs)
 
     # --- the daemon ---------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import structlog
 from weaved.adapters.ipam import IpamService
 from weaved.cni import links
 from weaved.cni.delegate import run_ipam
+from weaved.cni.nsenter import is_netns
 from weaved.cni.spec import (
     CONTAINER_ID_RE,
     E_CHECK,
@@ -68,6 +69,15 @@ SPOOL_INTERVAL = 30.0
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 PodNetworkProvider = Callable[[], PodNetwork | None]
+
+
+def _need_netns(request: Request, netns_fd: int | None) -> int:
+    if netns_fd is None:
+        raise CniError(E_UNKNOWN_CONTAINER, "the pod's network namespace does not exist",
+                       f"cannot open CNI_NETNS={request.netns}")
+    if not is_netns(netns_fd):
+        raise CniError(E_UNKNOWN_CONTAINER, "CNI_NETNS is not a network namespace", request.netns)
+    return netns_fd
 
 
 class CniHandler:
@@ -141,9 +151,7 @@ class CniHandler:
 
     async def add(self, request: Request, stdin: bytes, netns_fd: int | None) -> bytes:
         net = self._network()
-        if netns_fd is None:
-            raise CniError(E_UNKNOWN_CONTAINER, "the pod's network namespace does not exist",
-                           f"cannot open CNI_NETNS={request.netns}")
+        netns_fd = _need_netns(request, netns_fd)
         gateway: IPv4Address | None = net.gateway.ip
         dns: dict[str, object] = dict(request.conf.raw.get("dns") or {})
         if request.conf.ipam is not None:
@@ -210,6 +218,8 @@ class CniHandler:
 
     async def delete(self, request: Request, stdin: bytes, netns_fd: int | None) -> None:
         host_ifname = host_veth_name(request.container_id, request.ifname)
+        if netns_fd is not None and not is_netns(netns_fd):
+            netns_fd = None
         try:
             await anyio.to_thread.run_sync(links.detach, netns_fd, host_ifname, request.ifname)
         except links.LinkError as exc:
@@ -228,9 +238,7 @@ class CniHandler:
 
     async def check(self, request: Request, stdin: bytes, netns_fd: int | None) -> None:
         net = self._network()
-        if netns_fd is None:
-            raise CniError(E_UNKNOWN_CONTAINER, "the pod's network namespace does not exist",
-                           f"cannot open CNI_NETNS={request.netns}")
+        netns_fd = _need_netns(request, netns_fd)
         assert request.conf.prev_result is not None
         prev = parse_result(request.conf.prev_result)
         mine = [a for a in prev.addresses if a[2] in (request.ifname, None)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import socket
 import threading
@@ -23,6 +24,8 @@ from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
+NS_GET_NSTYPE = 0xB703
+"""ioctl on a namespace fd: its CLONE_NEW* type (Linux 4.11+)."""
 
 T = TypeVar("T")
 
@@ -33,6 +36,14 @@ def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def is_netns(fd: int) -> bool:
+    """Whether ``fd`` refers to a network namespace (not some other file the runtime named)."""
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
 
 
 def in_netns(netns_fd: int, action: Callable[[], T], timeout: float = 10.0) -> T:
