@@ -1,0 +1,167 @@
+"""weave-net under real container runtimes: containerd's ``ctr run --cni`` and podman (CNI backend), each
+running inside the node namespace with the plugin and conflist bind-mounted over the fixed host paths in a
+private mount namespace (the host's /etc/cni/net.d and /opt/cni/bin are never written)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cni.conftest import CACHE, GATEWAY, Node, run, why_missing
+from tests.netns.conftest import session_base
+
+pytestmark = pytest.mark.netns
+
+MKIMAGE = r"""
+set -e
+out=$1; ref=$2; cmd=$3
+t=$(mktemp -d); r=$t/rootfs
+mkdir -p $r/bin $r/sbin $r/usr/bin $r/usr/sbin $r/etc $r/proc $r/sys $r/dev $r/tmp $r/root $r/run
+cp /bin/busybox $r/bin/busybox
+for a in $(/bin/busybox --list-full); do [ "$a" = bin/busybox ] || ln -sf /bin/busybox "$r/$a"; done
+echo 'root:x:0:0:root:/root:/bin/sh' > $r/etc/passwd; echo 'root:x:0:' > $r/etc/group
+tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C $r -cf $t/layer.tar .
+l=$(sha256sum $t/layer.tar | cut -d' ' -f1); mkdir -p $t/img/$l; mv $t/layer.tar $t/img/$l/
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":%s},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$cmd" $l > $t/cfg.json
+c=$(sha256sum $t/cfg.json | cut -d' ' -f1); mv $t/cfg.json $t/img/$c.json
+printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["%s/layer.tar"]}]' $c "$ref" $l > $t/img/manifest.json
+tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C $t/img -cf "$out.tmp" .; rm -rf $t
+mv "$out.tmp" "$out"
+"""
+IMAGE = "localhost/wcni-busybox:latest"
+PROBE = f"ip -4 -o addr show eth0; ip route; ping -c 1 -W 2 {GATEWAY} >/dev/null && echo GW-OK"
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    reason = why_missing("busybox")
+    if reason or not Path("/bin/busybox").exists():
+        pytest.skip(reason or "busybox-static not installed")
+    out = CACHE / "busybox.tar"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        run(["bash", "-c", MKIMAGE, "mkimage", str(out), IMAGE, '["/bin/sh"]'])
+    return out
+
+
+def _private_mounts(node: Node) -> str:
+    """Shell prefix: a private mount namespace where the runtime's fixed CNI paths show the node's dirs."""
+    return (f"mount -t tmpfs wcni /etc/cni && mkdir -p /etc/cni/net.d && mount --bind {node.netd} /etc/cni/net.d && "
+            f"mount -t tmpfs wcni /opt && mkdir -p /opt/cni/bin && mount --bind {node.bin} /opt/cni/bin && ")
+
+
+def _unmount_under(path: Path) -> None:
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(str(path))), reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False)
+
+
+@pytest.fixture
+def containerd(node: Node, image: Path) -> Iterator[dict[str, str]]:
+    reason = why_missing("containerd", "ctr", "runc", "unshare")
+    if reason:
+        pytest.skip(reason)
+    if not Path("/etc/cni").is_dir() or not Path("/opt").is_dir():
+        pytest.skip("/etc/cni or /opt missing: nothing to mount the private view over")
+    ctd = node.work / "ctd"
+    ctd.mkdir()
+    (ctd / "config.toml").write_text(
+        f'version = 2\nroot = "{ctd}/root"\nstate = "{ctd}/state"\n'
+        f'[grpc]\n  address = "{ctd}/containerd.sock"\n[ttrpc]\n  address = "{ctd}/containerd.sock.ttrpc"\n'
+        '[plugins."io.containerd.grpc.v1.cri"]\n  restrict_oom_score_adj = true\n')
+    log = open(ctd / "containerd.log", "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{node.netns}", "containerd", "--config",
+                             str(ctd / "config.toml")], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    env = {**os.environ, "CONTAINERD_ADDRESS": str(ctd / "containerd.sock")}
+    try:
+        deadline = time.monotonic() + 20
+        while run(["ctr", "version"], check=False, env=env).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (ctd / "containerd.log").read_text()
+            time.sleep(0.1)
+        run(["ctr", "-n", session_base(), "image", "import", str(image)], env=env)
+        yield env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        _unmount_under(ctd)
+
+
+def test_ctr_run_cni(node: Node, containerd: dict[str, str]) -> None:
+    name = f"{session_base()}-ctr1"
+    script = _private_mounts(node) + f"exec ctr -n {session_base()} run --rm --cni {IMAGE} ctr1 sh -c '{PROBE}'"
+    proc = run(["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "-m", "--propagation", "private",
+                "sh", "-c", script], env=containerd, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + node.log()[-3000:]
+    assert re.search(r"inet 10\.32\.\d+\.\d+/12", proc.stdout), proc.stdout
+    assert f"default via {GATEWAY} dev eth0" in proc.stdout and "GW-OK" in proc.stdout
+    # --rm sent DEL (with CNI_NETNS="" — the task's netns is gone): nothing left
+    assert node.veths() == [] and node.leases() == [], name
+
+
+@pytest.fixture
+def podman(node: Node, image: Path) -> Iterator[dict[str, str]]:
+    reason = why_missing("podman", "runc")
+    if reason:
+        pytest.skip(reason)
+    pod = node.work / "podman"
+    (pod / "tmp").mkdir(parents=True)
+    (pod / "containers.conf").write_text(
+        '[containers]\nnetns = "private"\nlog_driver = "k8s-file"\n'
+        'default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
+        f'[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["{node.bin}"]\nnetwork_config_dir = "{node.netd}"\n'
+        f'[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nevents_logfile_path = "{pod}/events.log"\n'
+        f'runtime = "runc"\ntmp_dir = "{pod}/tmp"\n')
+    (pod / "storage.conf").write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{pod}/root"\n'
+                                      f'runroot = "{pod}/run"\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(pod / "containers.conf"),
+           "CONTAINERS_STORAGE_CONF": str(pod / "storage.conf")}
+    try:
+        run(["podman", "load", "-q", "-i", str(image)], env=env, timeout=120)
+        yield env
+    finally:
+        run(["podman", "rm", "-a", "-f", "-t", "0"], env=env, check=False)
+        _unmount_under(pod)
+
+
+def _podman(node: Node, env: dict[str, str], *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return run(["nsenter", f"--net=/run/netns/{node.netns}", "podman", *args], env=env, check=check, timeout=120)
+
+
+def test_podman_run_and_port_mapping(node: Node, podman: dict[str, str]) -> None:
+    out = _podman(node, podman, "run", "--rm", "--network", "weave", IMAGE, "sh", "-c", PROBE)
+    assert out.returncode == 0, out.stdout + out.stderr + node.log()[-3000:]
+    assert re.search(r"inet 10\.32\.\d+\.\d+/12", out.stdout) and "GW-OK" in out.stdout, out.stdout
+    assert node.veths() == [] and node.leases() == []
+
+    if why_missing("iptables", "curl"):
+        return
+    web = _podman(node, podman, "run", "-d", "--name", "web", "--network", "weave", "-p", "8080:80", IMAGE,
+                  "httpd", "-f", "-p", "80", "-h", "/etc")
+    assert web.returncode == 0, web.stderr
+    try:
+        ip = node.leases()[0]["address"].split("/")[0]
+        assert f"--dport 8080 -j DNAT --to-destination {ip}:80" in node.ns("iptables", "-t", "nat", "-S").stdout
+        got: Any = None
+        for _ in range(20):
+            got = node.ns("curl", "-sf", "-m", "2", f"http://{GATEWAY}:8080/passwd", check=False)
+            if got.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert got is not None and got.stdout.startswith("root:"), got
+    finally:
+        _podman(node, podman, "rm", "-f", "-t", "0", "web")
+    assert "8080" not in node.ns("iptables", "-t", "nat", "-S").stdout
+    assert node.veths() == [] and node.leases() == []
