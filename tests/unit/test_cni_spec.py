@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from weaved.cni import conflist, spec, wire
-from weaved.config import DEFAULT_CNI_SOCKET, ConfigError, parse_settings
 from weaved.cni.spec import Attachment, CniError, Route
+from weaved.config import DEFAULT_CNI_SOCKET, ConfigError, parse_settings
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0",
             "CNI_PATH": "/opt/cni/bin"}
