@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cni.conftest import GATEWAY, Node, run, why_missing
+from tests.cni.conftest import GATEWAY, Node, why_missing
 
 pytestmark = pytest.mark.netns
 
@@ -112,4 +112,22 @@ def test_versions(node: Node, cnitool: Path) -> None:
         dele = node.plugin({**env, "CNI_COMMAND": "DEL"}, {**conf, "prevResult": result})
         assert (dele.returncode, dele.stdout) == (0, "")
     assert node.veths() == [] and node.leases() == []
-    run(["true"])
+
+
+def test_delegated_ipam_host_local(node: Node, cnitool: Path) -> None:
+    """With ``ipam.type`` set, the address comes from that plugin (run from CNI_PATH with the same env)."""
+    if not (node.bin / "host-local").exists():
+        pytest.skip("reference plugin host-local missing (containernetworking-plugins)")
+    data_dir = node.work / "host-local"
+    node.write_conf(ipam={"type": "host-local", "ranges": [[{"subnet": "10.32.0.0/12", "rangeStart": "10.32.5.10",
+                                                              "rangeEnd": "10.32.5.20", "gateway": GATEWAY}]],
+                          "dataDir": str(data_dir)})
+    pod = node.pod("1")
+    result = json.loads(node.cnitool(cnitool, "add", f"/run/netns/{pod}", container="hl").stdout)
+    assert result["ips"][0]["address"] == "10.32.5.10/12"
+    assert "inet 10.32.5.10/12" in node.pod_ns(pod, "ip", "-4", "-o", "addr", check=True).stdout
+    assert node.leases() == []  # weaved's IPAM was not asked
+    assert (data_dir / "weave" / "10.32.5.10").exists()
+    node.cnitool(cnitool, "check", f"/run/netns/{pod}", container="hl")
+    node.cnitool(cnitool, "del", f"/run/netns/{pod}", container="hl")
+    assert not (data_dir / "weave" / "10.32.5.10").exists() and node.veths() == []
