@@ -54,21 +54,22 @@ def run(argv: list[str], *, check: bool = True, timeout: float = 60, **kwargs: A
     return proc
 
 
-@pytest.fixture(scope="session")
-def forwarder() -> Path:
-    reason = why_missing("ip", "gcc")
-    if reason:
-        pytest.skip(reason)
+def build_forwarder() -> Path:
+    """scripts/build-cni.sh: the static forwarder (rebuilt when its source changed)."""
     out = run([str(ROOT / "scripts" / "build-cni.sh")]).stdout.strip().splitlines()[-1]
     return Path(out)
 
 
-@pytest.fixture(scope="session")
-def cnitool() -> Path:
+def cnitool_missing() -> str | None:
+    if why_missing("go"):
+        return why_missing("go")
+    if not (GOPATH_LIB / "src/github.com/containernetworking/cni/libcni").is_dir():
+        return "golang-github-appc-cni-dev not installed (scripts/setup.sh installs it)"
+    return None
+
+
+def build_cnitool() -> Path:
     """The cnitool clone built offline from Debian's libcni (cached by source hash)."""
-    reason = why_missing("go")
-    if reason or not (GOPATH_LIB / "src/github.com/containernetworking/cni/libcni").is_dir():
-        pytest.skip(reason or "golang-github-appc-cni-dev not installed (scripts/setup.sh installs it)")
     source = (Path(__file__).parent / "rc_cnitool.go").read_bytes()
     out = CACHE / f"rc-cnitool-{hashlib.sha256(source).hexdigest()[:12]}"
     if not out.exists():
@@ -80,6 +81,22 @@ def cnitool() -> Path:
         run(["go", "build", "-o", f"{out}.tmp", "."], cwd=src, env=env, timeout=300)
         os.replace(f"{out}.tmp", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def forwarder() -> Path:
+    reason = why_missing("ip", "gcc")
+    if reason:
+        pytest.skip(reason)
+    return build_forwarder()
+
+
+@pytest.fixture(scope="session")
+def cnitool() -> Path:
+    reason = cnitool_missing()
+    if reason:
+        pytest.skip(reason)
+    return build_cnitool()
 
 
 @dataclass
@@ -135,8 +152,8 @@ class Node:
                 (self.bin / plugin.name).symlink_to(plugin)
         self.write_conf()
 
-    def write_conf(self, **extra: Any) -> Path:
-        return write_conflist(self.netd, socket=str(self.socket), spool=str(self.spool),
+    def write_conf(self, portmap: bool = True, **extra: Any) -> Path:
+        return write_conflist(self.netd, socket=str(self.socket), spool=str(self.spool), portmap=portmap,
                               extra={"ipamTimeoutSeconds": 5, **self.extra_conf, **extra})
 
     def conf(self) -> dict[str, Any]:
