@@ -436,7 +436,10 @@ int main(void) {
     if (conf_len < 0) return cni_error(version, 6, "cannot read the network configuration", "stdin over 1 MiB");
     if (conf_len > 0) {
         char v[32];
-        if (json_top_string(conf, (size_t)conf_len, "cniVersion", v, sizeof v) == 1) memcpy(version, v, sizeof v);
+        /* echoed into error JSON unescaped: only digits and dots are taken */
+        if (json_top_string(conf, (size_t)conf_len, "cniVersion", v, sizeof v) == 1 && v[0] &&
+            strspn(v, "0123456789.") == strlen(v))
+            memcpy(version, v, sizeof v);
     }
     if (!cmd || !*cmd) return cni_error(version, 4, "CNI_COMMAND is not set", "");
 
