@@ -22,6 +22,7 @@ pytestmark = pytest.mark.netns
 
 MKIMAGE = Path(__file__).with_name("mkimage.sh")
 IMAGE = "localhost/wcni-busybox:latest"
+PAUSE = "localhost/wcni-pause:latest"
 PROBE = f"ip -4 -o addr show eth0; ip route; ping -c 1 -W 2 {GATEWAY} >/dev/null && echo GW-OK"
 
 
@@ -61,7 +62,11 @@ def containerd(node: Node, image: Path) -> Iterator[dict[str, str]]:
     (ctd / "config.toml").write_text(
         f'version = 2\nroot = "{ctd}/root"\nstate = "{ctd}/state"\n'
         f'[grpc]\n  address = "{ctd}/containerd.sock"\n[ttrpc]\n  address = "{ctd}/containerd.sock.ttrpc"\n'
-        '[plugins."io.containerd.grpc.v1.cri"]\n  restrict_oom_score_adj = true\n')
+        '[plugins."io.containerd.grpc.v1.cri"]\n  restrict_oom_score_adj = true\n'
+        f'  sandbox_image = "{PAUSE}"\n  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
+        '  netns_mounts_under_state_dir = true\n'
+        f'  [plugins."io.containerd.grpc.v1.cri".cni]\n    bin_dir = "{node.bin}"\n    conf_dir = "{node.netd}"\n'
+        '    max_conf_num = 1\n')
     log = open(ctd / "containerd.log", "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{node.netns}", "containerd", "--config",
                              str(ctd / "config.toml")], stdout=log, stderr=subprocess.STDOUT)
@@ -73,6 +78,10 @@ def containerd(node: Node, image: Path) -> Iterator[dict[str, str]]:
             assert proc.poll() is None and time.monotonic() < deadline, (ctd / "containerd.log").read_text()
             time.sleep(0.1)
         run(["ctr", "-n", session_base(), "image", "import", str(image)], env=env)
+        pause = CACHE / "pause.tar"
+        if not pause.exists():
+            run(["bash", str(MKIMAGE), str(pause), PAUSE, '["/bin/sleep","2147483647"]'])
+        run(["ctr", "-n", "k8s.io", "image", "import", str(pause)], env=env)
         yield env
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -149,4 +158,77 @@ def test_podman_run_and_port_mapping(node: Node, podman: dict[str, str]) -> None
     finally:
         _podman(node, podman, "rm", "-f", "-t", "0", "web")
     assert "8080" not in node.ns("iptables", "-t", "nat", "-S").stdout
+    assert node.veths() == [] and node.leases() == []
+
+
+CRI_PROTO = """
+// subset of k8s.io/cri-api runtime/v1 (field numbers as upstream)
+syntax = "proto3";
+package runtime.v1;
+service RuntimeService {
+  rpc RunPodSandbox(RunPodSandboxRequest) returns (RunPodSandboxResponse) {}
+  rpc StopPodSandbox(StopPodSandboxRequest) returns (StopPodSandboxResponse) {}
+  rpc RemovePodSandbox(RemovePodSandboxRequest) returns (RemovePodSandboxResponse) {}
+  rpc PodSandboxStatus(PodSandboxStatusRequest) returns (PodSandboxStatusResponse) {}
+}
+enum Protocol { TCP = 0; UDP = 1; SCTP = 2; }
+message PortMapping { Protocol protocol = 1; int32 container_port = 2; int32 host_port = 3; string host_ip = 4; }
+message PodSandboxMetadata { string name = 1; string uid = 2; string namespace = 3; uint32 attempt = 4; }
+message PodSandboxConfig { PodSandboxMetadata metadata = 1; string hostname = 2; string log_directory = 3;
+  repeated PortMapping port_mappings = 5; map<string, string> labels = 6; map<string, string> annotations = 7; }
+message RunPodSandboxRequest { PodSandboxConfig config = 1; string runtime_handler = 2; }
+message RunPodSandboxResponse { string pod_sandbox_id = 1; }
+message StopPodSandboxRequest { string pod_sandbox_id = 1; }
+message StopPodSandboxResponse {}
+message RemovePodSandboxRequest { string pod_sandbox_id = 1; }
+message RemovePodSandboxResponse {}
+message PodSandboxStatusRequest { string pod_sandbox_id = 1; bool verbose = 2; }
+message PodIP { string ip = 1; }
+message PodSandboxNetworkStatus { string ip = 1; repeated PodIP additional_ips = 2; }
+enum PodSandboxState { SANDBOX_READY = 0; SANDBOX_NOTREADY = 1; }
+message PodSandboxStatus { string id = 1; PodSandboxMetadata metadata = 2; PodSandboxState state = 3;
+  int64 created_at = 4; PodSandboxNetworkStatus network = 5; }
+message PodSandboxStatusResponse { PodSandboxStatus status = 1; map<string, string> info = 2; }
+"""
+
+
+def test_containerd_cri_sandbox(node: Node, containerd: dict[str, str]) -> None:
+    """What the kubelet does: RunPodSandbox over gRPC; the CRI plugin runs our conflist (loopback + weave-net
+    + portmap with the sandbox's port mapping), then Stop and Remove (two DELs, the second without netns)."""
+    grpc = pytest.importorskip("grpc")
+    protoc = pytest.importorskip("grpc_tools.protoc")
+    gen = CACHE / "cri"
+    if not (gen / "cri_min_pb2_grpc.py").exists():
+        gen.mkdir(parents=True, exist_ok=True)
+        (gen / "cri_min.proto").write_text(CRI_PROTO)
+        assert protoc.main(["protoc", f"-I{gen}", f"--python_out={gen}", f"--grpc_python_out={gen}",
+                            str(gen / "cri_min.proto")]) == 0
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(gen))
+    try:
+        pb = importlib.import_module("cri_min_pb2")
+        rpc = importlib.import_module("cri_min_pb2_grpc")
+    finally:
+        sys.path.remove(str(gen))
+    (node.work / "cri-logs").mkdir()
+    with grpc.insecure_channel("unix://" + containerd["CONTAINERD_ADDRESS"]) as channel:
+        rt = rpc.RuntimeServiceStub(channel)
+        cfg = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name="web", namespace="default", uid=f"{session_base()}-uid"),
+            hostname="web", log_directory=str(node.work / "cri-logs"),
+            port_mappings=[pb.PortMapping(protocol=pb.TCP, container_port=80, host_port=8082)])
+        sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60).pod_sandbox_id
+        try:
+            status = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10).status
+            ip = status.network.ip
+            assert status.state == pb.SANDBOX_READY and ip.startswith("10.32."), status
+            assert [lease["address"].split("/")[0] for lease in node.leases()] == [ip]
+            nat = node.ns("iptables", "-t", "nat", "-S", check=False).stdout
+            if not why_missing("iptables"):
+                assert f"--dport 8082 -j DNAT --to-destination {ip}:80" in nat, nat
+        finally:
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
     assert node.veths() == [] and node.leases() == []
