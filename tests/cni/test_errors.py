@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from typing import Any
 
 import pytest
 
-from tests.cni.conftest import Node, run
+from tests.cni.conftest import ROOT, Node, run
 
 pytestmark = pytest.mark.netns
 
@@ -142,3 +144,15 @@ def test_daemon_down(node: Node) -> None:
         time.sleep(0.1)
     assert not (node.spool / "offline").exists()
     _clean(node)
+
+
+def test_second_daemon_does_not_steal_the_socket(node: Node) -> None:
+    proc = node.ns(sys.executable, "-m", "tests.cni.cnid", "--pod-bridge", "weave", "--state-dir",
+                   str(node.work / "state2"), "--port", "6790", "--http-addr", "127.0.0.1:6794", "--metrics-addr",
+                   "127.0.0.1:6795", "--cni-socket", str(node.socket), check=False, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert proc.returncode == 1
+    assert f"another process serves CNI on {node.socket}" in proc.stdout + proc.stderr
+    pod = node.pod("1")  # the first daemon still serves
+    assert node.plugin(_env(node, pod, container="still"), _conf(node)).returncode == 0
+    assert node.plugin(_env(node, pod, "DEL", container="still"), _conf(node)).returncode == 0

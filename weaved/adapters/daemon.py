@@ -53,7 +53,7 @@ from weaved.adapters.resolve import ResolveError, resolve
 from weaved.adapters.store import SnapshotStore, StoreError
 from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSender, errno_name, open_control_socket
 from weaved.adapters.webserver import ListenError, serve_app
-from weaved.cni.service import CniSocketBusy, start_cni
+from weaved.cni.service import CniSocketError, start_cni
 from weaved.config import HostPort, Settings, describe_init
 from weaved.core.ipam.allocator import Allocator
 from weaved.core.mesh import MeshConfig, MeshPeer
@@ -311,7 +311,7 @@ def run(settings: Settings) -> int:
     interrupted = False
     try:
         anyio.run(serve, settings, identity, backend="asyncio")
-    except* (StartupError, ListenError, CniSocketBusy) as group:  # a bare exception matches too, wrapped in a group
+    except* (StartupError, ListenError, CniSocketError) as group:  # a bare exception matches too, wrapped in a group
         failures += _startup_errors(group)
     except* KeyboardInterrupt:  # Ctrl-C before the signal watcher was installed
         interrupted = True

@@ -9,7 +9,7 @@ open ``CNI_NETNS``. Reading the request must finish within :data:`READ_TIMEOUT` 
 gets a CNI error 6 answer (if the socket still works) and is counted. Every received fd is closed when the
 request is done, whatever happened.
 
-A socket path another live daemon answers on is not taken over (:class:`CniSocketBusy`): a stale file of a
+A socket path another live daemon answers on is not taken over (:class:`CniSocketError`): a stale file of a
 dead daemon is replaced. :func:`run_spool` scans the spool of pending releases at start and periodically.
 """
 
@@ -35,8 +35,8 @@ MAX_CONCURRENT = 32
 """Requests served at once; more wait in the listen backlog (kubelet serializes per pod anyway)."""
 
 
-class CniSocketBusy(Exception):
-    """Another process answers on the socket path; ``str()`` is one line."""
+class CniSocketError(Exception):
+    """The CNI socket cannot be served (another live daemon answers on it, or no permission); one line."""
 
 
 def _live(path: Path) -> bool:
@@ -67,9 +67,13 @@ class CniServer:
 
     async def serve(self, path: Path, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if path.exists() and _live(path):
-            raise CniSocketBusy(f"another process serves CNI on {path}; stop it or give another --cni-socket")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        listener = await anyio.create_unix_listener(path, mode=0o600)
+            raise CniSocketError(f"another process serves CNI on {path}; stop it or give another --cni-socket")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            listener = await anyio.create_unix_listener(path, mode=0o600)
+        except OSError as exc:
+            raise CniSocketError(f"cannot listen on {path}: {exc.strerror or exc}; "
+                                 "give another --cni-socket, or off") from None
         self._log.info("cni socket listening", path=str(path), spool=str(self.handler.spool_dir))
         try:
             async with listener:

@@ -13,16 +13,16 @@ from anyio.abc import TaskGroup
 
 from weaved.adapters.ipam import IpamService
 from weaved.cni.handler import CniHandler
-from weaved.cni.server import CniServer, CniSocketBusy, run_spool
+from weaved.cni.server import CniServer, CniSocketError, run_spool
 from weaved.config import Settings
 from weaved.podnet import PodNetwork
 
-__all__ = ["CniSocketBusy", "start_cni"]
+__all__ = ["CniSocketError", "start_cni"]
 
 
 async def start_cni(tg: TaskGroup, settings: Settings, ipam: IpamService,
                     pod_network: Callable[[], PodNetwork | None]) -> CniServer | None:
-    """Listen on ``settings.cni_socket`` (raises :class:`CniSocketBusy` when another daemon does) and scan
+    """Listen on ``settings.cni_socket`` (raises :class:`CniSocketError` when another daemon does) and scan
     the spool; nothing when the socket is ``off``."""
     if settings.cni_socket is None:
         structlog.get_logger("weaved").info("cni disabled", reason="--cni-socket off")
