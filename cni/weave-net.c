@@ -462,7 +462,7 @@ int main(void) {
     int netns_fd = -1;
     const char *netns = getenv("CNI_NETNS");
     if (netns && *netns && strcmp(cmd, "STATUS") != 0 && strcmp(cmd, "GC") != 0)
-        netns_fd = open(netns, O_RDONLY | O_CLOEXEC);
+        netns_fd = open(netns, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY); /* a FIFO must not block us */
 
     int sock = connect_daemon(sock_path);
     if (sock < 0) {

@@ -110,3 +110,11 @@ def test_framing_and_fd_passing(binary: Path, tmp_path: Path) -> None:
     proc = call(binary, {**env, "CNI_NETNS": "/does/not/exist"}, conf2)
     thread.join(10)
     assert (proc.returncode, proc.stdout) == (1, b'{"code":3}') and seen["fd_is_netns"] == []
+
+
+def test_a_fifo_as_netns_does_not_hang(binary: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    conf = json.dumps({"cniVersion": "1.0.0", "daemonSocket": str(tmp_path / "none.sock")}).encode()
+    proc = call(binary, {"CNI_COMMAND": "ADD", "CNI_NETNS": str(fifo)}, conf)  # call() times out after 30 s
+    assert json.loads(proc.stdout)["code"] == 11
