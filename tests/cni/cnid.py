@@ -14,10 +14,12 @@ import sys
 
 import anyio
 
-from weaved.adapters.daemon import serve
+from weaved.adapters.daemon import StartupError, serve
 from weaved.adapters.identity import load_identity
 from weaved.adapters.logs import configure_logging
+from weaved.adapters.webserver import ListenError
 from weaved.cni.bridge import existing_bridge
+from weaved.cni.server import CniSocketError
 from weaved.config import add_run_arguments, parse_settings
 
 
@@ -31,7 +33,12 @@ def main() -> int:
     settings = parse_settings(args, os.environ, socket.gethostname())
     configure_logging(settings.log_format, settings.log_level)
     identity = load_identity(settings.state_dir, settings.nickname)
-    anyio.run(lambda: serve(settings, identity, pod_network=existing_bridge(bridge, mtu)), backend="asyncio")
+    try:
+        anyio.run(lambda: serve(settings, identity, pod_network=existing_bridge(bridge, mtu)), backend="asyncio")
+    except* (StartupError, ListenError, CniSocketError) as group:  # as `weaved run` reports them
+        for exc in group.exceptions:
+            print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
