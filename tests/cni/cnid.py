@@ -33,13 +33,14 @@ def main() -> int:
     settings = parse_settings(args, os.environ, socket.gethostname())
     configure_logging(settings.log_format, settings.log_level)
     identity = load_identity(settings.state_dir, settings.nickname)
+    failures: list[str] = []
     try:
         anyio.run(lambda: serve(settings, identity, pod_network=existing_bridge(bridge, mtu)), backend="asyncio")
     except* (StartupError, ListenError, CniSocketError) as group:  # as `weaved run` reports them
-        for exc in group.exceptions:
-            print(f"cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        failures += [str(exc) for exc in group.exceptions]
+    for failure in failures:
+        print(f"cannot start: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
