@@ -18,6 +18,19 @@ command -v nft >/dev/null || need_apt+=(nftables)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)  # validates docker-compose.yml offline
+# The CNI forwarder is C, built static here (build/weave-net).
+command -v gcc >/dev/null || need_apt+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || need_apt+=(libc6-dev)
+# Real CNI clients and reference plugins for tests/cni (see docs/cni.md).
+command -v containerd >/dev/null || need_apt+=(containerd)
+command -v runc >/dev/null || need_apt+=(runc)
+[ -x /usr/lib/cni/portmap ] || need_apt+=(containernetworking-plugins)
+command -v podman >/dev/null || need_apt+=(podman)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v go >/dev/null || need_apt+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ] || need_apt+=(golang-github-appc-cni-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "weaved setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -42,3 +55,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi
+
+# The CNI plugin binary runtimes execute: a static C forwarder (no Python needed on the node).
+scripts/build-cni.sh >/dev/null

@@ -33,6 +33,11 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
 DEFAULT_METRICS_ADDR = "0.0.0.0:6782"
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_STATE_DIR = "/var/lib/weave"
+DEFAULT_CNI_SOCKET = "/run/weave/cni.sock"
+"""Where the CNI forwarder finds the daemon (its own default too) when the state directory is the default;
+with another ``--state-dir`` (a lab node, a test) the socket is ``STATE_DIR/cni.sock``, so daemons sharing
+a mount namespace never share a socket."""
+MAX_UNIX_PATH = 107
 DEFAULT_IPALLOC_RANGE = "10.32.0.0/12"
 DEFAULT_IPALLOC_INIT = "consensus"
 LOG_FORMATS = ("console", "json")
@@ -79,6 +84,10 @@ class Settings:
     """How the peers agree on the first split of the range (``IPALLOC_INIT``)."""
     kube: KubeSettings | None = None
     """Node discovery and reclaim through the Kubernetes API (in a cluster, or ``--kube``)."""
+    cni_socket: Path | None = None
+    """The unix socket the CNI forwarder talks to (``--cni-socket``/``WEAVE_CNI_SOCKET``; ``off``: none)."""
+    cni_spool: Path = Path(DEFAULT_STATE_DIR) / "cni-pending"
+    """Where the forwarder records releases while the daemon is down (``--cni-spool``/``WEAVE_CNI_SPOOL``)."""
 
 
 def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -266,7 +275,21 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         ipalloc_range=ipalloc_range,
         ipalloc_init=ipalloc_init,
         kube=kube,
+        cni_socket=_cni_socket(flags.get("cni_socket") or env.get("WEAVE_CNI_SOCKET", "").strip(), state_dir_text),
+        cni_spool=Path(flags.get("cni_spool") or env.get("WEAVE_CNI_SPOOL", "").strip()
+                       or Path(state_dir_text) / "cni-pending"),
     )
+
+
+def _cni_socket(text: str, state_dir: str) -> Path | None:
+    if text.lower() in ("off", "none"):
+        return None
+    if not text:
+        text = DEFAULT_CNI_SOCKET if state_dir == DEFAULT_STATE_DIR else str(Path(state_dir) / "cni.sock")
+    if len(str(Path(text).absolute()).encode()) > MAX_UNIX_PATH:
+        raise ConfigError(f"--cni-socket/WEAVE_CNI_SOCKET: {text!r} is longer than a unix socket path may be "
+                          f"({MAX_UNIX_PATH} bytes)")
+    return Path(text).absolute()
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,6 +310,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", metavar="FORMAT", help="console or json (WEAVE_LOG_FORMAT, default console)")
     parser.add_argument("--log-level", metavar="LEVEL",
                         help="debug, info, warning or error (WEAVE_LOG_LEVEL, default info)")
+    parser.add_argument("--cni-socket", metavar="PATH",
+                        help=f"unix socket for the CNI plugin (WEAVE_CNI_SOCKET, default {DEFAULT_CNI_SOCKET}, "
+                             "or STATE_DIR/cni.sock with another --state-dir; off: no CNI)")
+    parser.add_argument("--cni-spool", metavar="DIR",
+                        help="pending CNI releases recorded while weaved was down (WEAVE_CNI_SPOOL, "
+                             "default STATE_DIR/cni-pending)")
     parser.add_argument("--ipalloc-range", metavar="CIDR",
                         help=f"pod network to allocate from (IPALLOC_RANGE, default {DEFAULT_IPALLOC_RANGE})")
     parser.add_argument("--ipalloc-init", metavar="MODE",

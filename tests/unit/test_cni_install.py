@@ -34,7 +34,8 @@ def test_installs_plugin_and_conflist_then_changes_nothing(tmp_path: Path) -> No
     assert subprocess.run([str(plugin)], check=False).returncode == 0, "the copy runs"
     conf = json.loads((conf_dir / CONFLIST_NAME).read_text())
     assert conf == {"cniVersion": "1.0.0", "name": "weave", "plugins": [
-        {"type": "weave-net", "daemonSocket": "/run/weave/cni.sock", "hairpinMode": True},
+        {"type": "weave-net", "daemonSocket": "/run/weave/cni.sock", "hairpinMode": True,
+         "spoolDir": "/var/lib/weave/cni-pending"},
         {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}]}
     inode = plugin.stat().st_ino
     (bin_dir / "portmap").write_bytes(b"")

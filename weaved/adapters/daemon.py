@@ -53,11 +53,13 @@ from weaved.adapters.resolve import ResolveError, resolve
 from weaved.adapters.store import SnapshotStore, StoreError
 from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSender, errno_name, open_control_socket
 from weaved.adapters.webserver import ListenError, serve_app
+from weaved.cni.service import CniSocketError, start_cni
 from weaved.config import HostPort, Settings, describe_init
 from weaved.core.ipam.allocator import Allocator
 from weaved.core.mesh import MeshConfig, MeshPeer
 from weaved.core.status import MeshStatus
 from weaved.core.types import Endpoint, PeerIdentity, PeerName
+from weaved.podnet import PodNetwork
 
 SUMMARY_INTERVAL = 30.0
 """Seconds between ``mesh summary`` log lines."""
@@ -118,6 +120,10 @@ class Node:
         return endpoints
 
     # --- lifecycle --------------------------------------------------------------------------------
+
+    def pod_network(self) -> PodNetwork | None:
+        """The node's pod network once it is up; None until then (the data path provides the real one)."""
+        return None
 
     def set_ready(self) -> None:
         self._ready = True
@@ -243,8 +249,11 @@ class Node:
                 return
 
 
-async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], float] = time.monotonic) -> None:
-    """Run the daemon until SIGTERM/SIGINT; raises :class:`StartupError` or :class:`ListenError` early on."""
+async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], float] = time.monotonic, *,
+                pod_network: Callable[[], PodNetwork | None] | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT; raises :class:`StartupError` or :class:`ListenError` early on.
+
+    ``pod_network`` replaces :meth:`Node.pod_network` for the CNI handler (tests bring their own bridge)."""
     log = structlog.get_logger("weaved")
     store = SnapshotStore(settings.state_dir)
     try:
@@ -269,6 +278,7 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
             await tg.start(node.watch_signals)
             await tg.start(serve_app, api_app(node, registry, node.ipam), settings.http_addr, "the HTTP API")
             await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
+            await start_cni(tg, settings, node.ipam, pod_network or node.pod_network)
             node.set_ready()
             log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
             tg.start_soon(node.resolve_peers, settings.peers)
@@ -319,7 +329,7 @@ def run(settings: Settings) -> int:
     interrupted = False
     try:
         anyio.run(serve, settings, identity, backend="asyncio")
-    except* (StartupError, ListenError) as group:  # a bare exception matches too, wrapped in a group
+    except* (StartupError, ListenError, CniSocketError) as group:  # a bare exception matches too, wrapped in a group
         failures += _startup_errors(group)
     except* KeyboardInterrupt:  # Ctrl-C before the signal watcher was installed
         interrupted = True

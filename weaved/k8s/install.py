@@ -25,24 +25,17 @@ import os
 import sys
 from pathlib import Path
 
+from weaved.cni.conflist import CONFLIST_NAME, conflist
+from weaved.config import DEFAULT_CNI_SOCKET
+
 PLUGIN_SOURCE = Path("/usr/local/lib/weaved/weave-net")
 """Where the image carries the CNI plugin executable (see the Dockerfile)."""
 PLUGIN_NAME = "weave-net"
 """The executable's name in the bin directory: the conflist's ``type``."""
-CONFLIST_NAME = "10-weave.conflist"
-DAEMON_SOCKET = "/run/weave/cni.sock"
+DAEMON_SOCKET = DEFAULT_CNI_SOCKET
 """Where the daemon's CNI server listens (a hostPath in the DaemonSet, so the plugin on the host finds it)."""
 DEFAULT_BIN_DIR = Path("/host/opt/cni/bin")
 DEFAULT_CONF_DIR = Path("/host/etc/cni/net.d")
-
-CONFLIST = {
-    "cniVersion": "1.0.0",
-    "name": "weave",
-    "plugins": [
-        {"type": PLUGIN_NAME, "daemonSocket": DAEMON_SOCKET, "hairpinMode": True},
-        {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-    ],
-}
 
 
 class InstallError(RuntimeError):
@@ -50,7 +43,8 @@ class InstallError(RuntimeError):
 
 
 def conflist_text() -> str:
-    return json.dumps(CONFLIST, indent=2) + "\n"
+    """The node's conflist with the daemon's default socket and spool paths (those the DaemonSet mounts)."""
+    return json.dumps(conflist(socket=DAEMON_SOCKET), indent=2) + "\n"
 
 
 def replace_file(path: Path, content: bytes, mode: int) -> bool:
