@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300, help="allocations per row")
     args = parser.parse_args()
     name = f"bi{os.getpid() % 10000}"
-    lab("up", "--name", name, "--nodes", "3", timeout=180)
+    lab("up", "--name", name, "--nodes", "3", "--pods-per-node", "0", timeout=180)
     try:
         lab("kill", "--name", name, "n3")
         in_node(name, "n1", "weaved", "ipam", "alloc", "warm-up", timeout=60)  # n1 and n2 agree on the ring

@@ -51,7 +51,7 @@ def lab() -> Iterator[Lab]:
     lab = Lab(session_base() + "i")
     before = HostSnapshot.take()
     try:
-        lab.up_output = lab.run("up", "--nodes", "3", timeout=180).stdout
+        lab.up_output = lab.run("up", "--nodes", "3", "--pods-per-node", "0", timeout=180).stdout
         yield lab
     finally:
         teardown_and_check(lab, before)

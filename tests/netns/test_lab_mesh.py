@@ -28,7 +28,8 @@ def mesh() -> Iterator[Lab]:
     before = HostSnapshot.take()
     lab = Lab(session_base() + "m")
     try:
-        proc = lab.run("up", "--nodes", "3", "--timeout", str(CONVERGE_TIMEOUT), timeout=CONVERGE_TIMEOUT + 60)
+        proc = lab.run("up", "--nodes", "3", "--pods-per-node", "0", "--timeout", str(CONVERGE_TIMEOUT),
+                       timeout=CONVERGE_TIMEOUT + 60)
         lab.up_output = proc.stdout
         yield lab
     finally:

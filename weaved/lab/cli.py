@@ -18,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from weaved.lab import host, ops
+from weaved.lab import host, ops, podops
 from weaved.lab.plan import LabError, LabState, describe_partition, parse_groups
+from weaved.lab.pods import validate_pods_per_node
 
 Handler = Callable[[argparse.Namespace], int]
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_PODS_PER_NODE = 2
 
 
 def _say(msg: str) -> None:
@@ -73,11 +75,42 @@ def cmd_up(args: argparse.Namespace) -> int:
         say=_say,
         warn=_warn,
     )
-    if state.daemons:
-        _say(f"lab {state.name}: mesh of {len(state.nodes)} nodes converged")
-        _print_node_statuses(state)
-    else:
+    if not state.daemons:
         _say(ops.status_text(state))
+        return 0
+    _say(f"lab {state.name}: mesh of {len(state.nodes)} nodes converged")
+    _print_node_statuses(state)
+    if args.pods_per_node:
+        state = podops.add_default_pods(state, validate_pods_per_node(args.pods_per_node), say=_say)
+        return _print_matrix(state)
+    return 0
+
+
+def _print_matrix(state: LabState) -> int:
+    """Every pod pings every pod and every node; 0 when all answered."""
+    text, complete = podops.reachability(state)
+    _say("=== reachability (ping from row to column) ===")
+    _say(text)
+    return 0 if complete else 1
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    host.require_root()
+    return _print_matrix(ops.load_state(args.name))
+
+
+def cmd_pod_add(args: argparse.Namespace) -> int:
+    host.require_root()
+    state = podops.add_pod(ops.load_state(args.name), args.node, args.pod)
+    pod = state.pods[-1]
+    _say(f"pod {pod.label}: {pod.address} (netns {pod.netns})")
+    return 0
+
+
+def cmd_pod_del(args: argparse.Namespace) -> int:
+    host.require_root()
+    podops.del_pod(ops.load_state(args.name), args.node, args.pod)
+    _say(f"pod {args.node}/{args.pod} deleted")
     return 0
 
 
@@ -226,6 +259,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--python", metavar="PATH", help="interpreter the daemons run under (default: this one, i.e. the venv's)"
     )
+    p.add_argument("--pods-per-node", type=int, default=DEFAULT_PODS_PER_NODE, metavar="K",
+                   help=f"pods to start on every node through the CNI plugin (default {DEFAULT_PODS_PER_NODE}); "
+                   "then print the reachability matrix")
 
     add("down", cmd_down, "stop the daemons and delete the lab's namespaces and files (safe to repeat)")
 
@@ -261,6 +297,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--wait", action="store_true", help="wait until the mesh reconverged")
 
     add("wait", cmd_wait, "wait until every running node reaches exactly what the underlay allows", timeout)
+
+    add("matrix", cmd_matrix, "every pod pings every pod and every node; prints the table")
+
+    pod = sub.add_parser("pod", help="add or delete a pod (a netns wired by the node's CNI plugin)")
+    pod_sub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
+    for action, fn, text in (("add", cmd_pod_add, "create a pod on NODE through the CNI plugin, as a runtime does"),
+                             ("del", cmd_pod_del, "delete a pod: CNI DEL, then its namespace")):
+        p = pod_sub.add_parser(action, help=text, description=text, parents=[common])
+        p.set_defaults(func=_guarded(fn))
+        p.add_argument("node", metavar="NODE")
+        p.add_argument("pod", metavar="NAME", help="1-8 characters of a-z 0-9")
 
     def no_command(_: argparse.Namespace) -> int:
         lab.print_help(sys.stderr)

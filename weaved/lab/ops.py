@@ -362,6 +362,7 @@ def status_json(state: LabState) -> dict[str, Any]:
         "switch_netns": state.switch_netns,
         "partition": state.partition,
         "nodes": status_rows(state),
+        "pods": [{"name": p.name, "node": p.node, "netns": p.netns, "address": p.address} for p in state.pods],
     }
 
 
@@ -373,6 +374,8 @@ def status_text(state: LabState) -> str:
     lines = [f"lab {state.name}: switch netns {state.switch_netns}, partition: {describe_partition(state.partition)}"]
     lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    if state.pods:
+        lines.append("pods: " + ", ".join(f"{p.label} {p.address or '(no address)'}" for p in state.pods))
     return "\n".join(lines)
 
 
