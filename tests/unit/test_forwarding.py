@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -33,7 +34,7 @@ def worlds(draw: st.DrawFn) -> tuple[list[tuple[int, int, PeerName]], dict[PeerN
                                      dict[PeerName, Endpoint]]:
     cuts = sorted(draw(st.sets(st.integers(RANGE.start + 1, RANGE.end - 1), max_size=12)))
     bounds = [RANGE.start, *cuts, RANGE.end]
-    segments = [(a, b, draw(st.sampled_from(NAMES))) for a, b in zip(bounds, bounds[1:], strict=False)]
+    segments = [(a, b, draw(st.sampled_from(NAMES))) for a, b in itertools.pairwise(bounds)]
     short_ids = {n: draw(st.integers(0, 7)) for n in NAMES if draw(st.booleans()) or n == OWN}
     neighbours = [n for n in NAMES[1:] if draw(st.booleans())]
     next_hops: dict[PeerName, PeerName] = {n: n for n in neighbours}
@@ -112,7 +113,7 @@ def test_remote_networks_cover_exactly_what_others_own(world: tuple) -> None:  #
     segments = world[0]
     networks = remote_networks(segments, OWN)
     covered = sorted((int(n.network_address), int(n.broadcast_address) + 1) for n in networks)
-    for (_, end), (start, _) in zip(covered, covered[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(covered):
         assert end <= start  # disjoint
     others = [(a, b) for a, b, o in segments if o != OWN]
     assert sum(b - a for a, b in covered) == sum(b - a for a, b in others)
