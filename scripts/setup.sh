@@ -17,6 +17,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v iperf3 >/dev/null || need_apt+=(iperf3)  # bench.sleeve_throughput
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "weaved setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
