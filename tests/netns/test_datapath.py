@@ -376,3 +376,11 @@ def test_no_datapath_daemon_touches_no_device(world: World) -> None:
     finally:
         sh("ip", "netns", "del", ns, check=False)
         sh("rm", "-rf", f"/tmp/{ns}-state", check=False)
+
+
+def test_a_deleted_tun_is_created_again(world: World) -> None:
+    ns = world.node_ns("n1")
+    a, c = world.pods["pa"], world.pods["pc"]
+    sh("ip", "-n", ns, "link", "del", "weave-tun")
+    eventually(lambda: pings(a.netns, c.ip, attempts=1), 20, "pod traffic through a re-created weave-tun")
+    assert "re-created weave-tun" in world.lab.log("n1")

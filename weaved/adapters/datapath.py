@@ -151,7 +151,7 @@ class Datapath:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(loop.stop)
             sock.close()
-            os.close(tun_fd)
+            loop.close()
 
     async def _await_gateway(self) -> ipaddress.IPv4Interface:
         logged = False
@@ -179,6 +179,13 @@ class Datapath:
                        remote=tuple(forwarding.remote_networks(segments, own)), local=tuple(local),
                        no_masq_local=self._settings.no_masq_local)
 
+    def _reattach_if_gone(self) -> list[str]:
+        """Someone deleted ``weave-tun``: create it again and hand the packet loop the new descriptor."""
+        if self._loop is None or self._network.tun_present():
+            return []
+        self._loop.reattach(open_tun(TUN))
+        return [f"re-created {TUN}"]
+
     async def _keep(self) -> None:
         """One check-and-repair round of the node network (in a worker thread)."""
         assert self._gateway is not None
@@ -189,9 +196,11 @@ class Datapath:
                 self._log.info("pod mtu", mtu=self._mtu, underlay_mtu=self._underlay_mtu,
                                source="WEAVE_MTU" if self._settings.mtu else "underlay - sleeve overhead")
             desired = self._desired(self._gateway, self._mtu)
+            reattached = await anyio.to_thread.run_sync(self._reattach_if_gone)
             changes = await anyio.to_thread.run_sync(self._network.ensure, desired)
+            changes = [*reattached, *changes]
             present = await anyio.to_thread.run_sync(self._network.gateway_present, self._gateway)
-        except (NodeNetError, OSError) as exc:
+        except (NodeNetError, TunError, OSError) as exc:
             self.counters["network_errors"] = self.counters.get("network_errors", 0) + 1
             message = str(exc)
             if message != self._error:

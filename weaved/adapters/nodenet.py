@@ -159,6 +159,10 @@ class NodeNetwork:
             return any(a.get("IFA_ADDRESS") == str(gateway.ip) and a["prefixlen"] == gateway.network.prefixlen
                        for a in ipr.get_addr(family=2, index=found[0]))
 
+    def tun_present(self) -> bool:
+        with IPRoute() as ipr:
+            return bool(ipr.link_lookup(ifname=TUN))
+
     def underlay_mtu(self) -> int:
         with IPRoute() as ipr:
             return underlay_mtu(ipr)

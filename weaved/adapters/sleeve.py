@@ -33,6 +33,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections import Counter
 from typing import Protocol
 
@@ -59,6 +60,10 @@ class PacketLoop(Protocol):
     def stop(self) -> None: ...
 
     def counters(self) -> dict[str, int]: ...
+
+    def reattach(self, tun_fd: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def open_sleeve_socket(host: str, port: int) -> socket.socket:
@@ -92,6 +97,9 @@ class ThreadedLoop:
         self._sock = sock
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        self._retired: list[int] = []
+        """Descriptors of TUN devices that were deleted under us: closed only by :meth:`close`, because the
+        inbound thread may be writing to one at this moment (closing it could let the number be reused)."""
         self._out = Counter[str]()
         self._in = Counter[str]()
 
@@ -113,6 +121,19 @@ class ThreadedLoop:
     def counters(self) -> dict[str, int]:
         return dict(self._out + self._in)
 
+    def reattach(self, tun_fd: int) -> None:
+        """Use a new TUN descriptor (the device was deleted and created again); both threads switch at
+        their next packet."""
+        self._retired.append(self._tun)
+        self._tun = tun_fd
+
+    def close(self) -> None:
+        """Close the TUN descriptors (current and retired) after :meth:`stop`."""
+        for fd in {self._tun, *self._retired}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._retired.clear()
+
     def _guard(self, loop: object) -> None:
         assert callable(loop)
         while not self._stopping:
@@ -130,16 +151,26 @@ class ThreadedLoop:
         view = memoryview(buf)
         packet = view[sleeve.HEADER_SIZE:]
         poller = select.poll()
-        poller.register(self._tun, select.POLLIN)
+        registered = self._tun
+        poller.register(registered, select.POLLIN)
         counts = self._out
         sendto = self._sock.sendto
         header = sleeve.HEADER.pack_into
         magic, version, ttl = sleeve.MAGIC, sleeve.VERSION, sleeve.DEFAULT_TTL
         while not self._stopping:
+            tun = self._tun
+            if tun != registered:
+                poller.unregister(registered)
+                poller.register(tun, select.POLLIN)
+                registered = tun
             try:
-                n = os.readv(self._tun, [packet])
+                n = os.readv(tun, [packet])
             except BlockingIOError:
                 poller.poll(POLL_TIMEOUT_MS)
+                continue
+            except OSError:  # the device was deleted: wait for the daemon to reattach a new one
+                counts["tun_read_errors"] += 1
+                time.sleep(POLL_TIMEOUT_MS / 1000)
                 continue
             table = self.table
             if n < sleeve.IPV4_HEADER or buf[sleeve.HEADER_SIZE] >> 4 != 4:
