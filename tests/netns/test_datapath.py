@@ -384,3 +384,27 @@ def test_a_deleted_tun_is_created_again(world: World) -> None:
     sh("ip", "-n", ns, "link", "del", "weave-tun")
     eventually(lambda: pings(a.netns, c.ip, attempts=1), 20, "pod traffic through a re-created weave-tun")
     assert "re-created weave-tun" in world.lab.log("n1")
+
+
+def test_a_taken_sleeve_port_stops_the_daemon_with_one_line(world: World) -> None:
+    ns = f"{world.lab.name}-sp"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                   "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                                   f"s.bind(('0.0.0.0', {SLEEVE_PORT})); print('bound', flush=True); time.sleep(60)"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+            proc = sh("ip", "netns", "exec", ns, sys.executable, "-m", "weaved", "run", "--state-dir",
+                      f"/tmp/{ns}-state", "--nickname", "sp", check=False, timeout=30)
+        finally:
+            holder.kill()
+            holder.communicate()
+        assert proc.returncode == 1
+        assert f"cannot bind sleeve UDP 0.0.0.0:{SLEEVE_PORT}: Address already in use" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+        sh("rm", "-rf", f"/tmp/{ns}-state", check=False)

@@ -128,7 +128,7 @@ class Datapath:
         try:
             tun_fd = open_tun(TUN)
         except TunError as exc:
-            raise DatapathError(str(exc)) from None
+            raise DatapathError(f"{exc}; --no-datapath runs the control plane alone") from None
         try:
             sock = open_sleeve_socket(self._settings.host, self._settings.sleeve_port)
         except OSError as exc:
