@@ -49,6 +49,9 @@ SYSCTLS = {
     f"net/ipv4/neigh/{BRIDGE}/proxy_delay": "0",
 }
 """Sysctls (under /proc/sys) the data path needs; set after the bridge exists (two are per device)."""
+OPTIONAL_SYSCTLS = {f"net/ipv6/conf/{TUN}/disable_ipv6": "1"}
+"""Set when present (not on a kernel without IPv6): the sleeve carries IPv4 only, so the TUN needs no
+link-local address, and sends no router solicitations for the sleeve to drop."""
 DEFAULT_UNDERLAY_MTU = 1500
 
 
@@ -139,11 +142,10 @@ class NodeNetwork:
         """Make the kernel match ``desired``; returns what had to be changed (empty when all was in place)."""
         changes: list[str] = []
         with IPRoute() as ipr:
-            bridge = self._ensure_bridge(ipr, desired, changes)
+            self._ensure_bridge(ipr, desired, changes)
+            self._ensure_sysctls(changes)  # before the TUN goes up: it should never get an IPv6 address
             tun = self._ensure_tun(ipr, desired, changes)
-            self._ensure_sysctls(changes)
             self._ensure_routes(ipr, tun, desired, changes)
-            _ = bridge
         self._ensure_rules(desired, changes)
         return changes
 
@@ -212,7 +214,8 @@ class NodeNetwork:
         return index
 
     def _ensure_sysctls(self, changes: list[str]) -> None:
-        for key, value in SYSCTLS.items():
+        wanted = {**SYSCTLS, **{k: v for k, v in OPTIONAL_SYSCTLS.items() if (self._proc_sys / k).exists()}}
+        for key, value in wanted.items():
             path = self._proc_sys / key
             try:
                 if path.read_text().strip() != value:
