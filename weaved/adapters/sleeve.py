@@ -119,7 +119,11 @@ class ThreadedLoop:
             thread.join(timeout=2 * POLL_TIMEOUT_MS / 1000)
 
     def counters(self) -> dict[str, int]:
-        return dict(self._out + self._in)
+        # dict() of a dict is one C-level copy, atomic under the GIL; iterating the live Counters here
+        # could meet a key a packet thread is adding at that moment.
+        total = Counter(dict(self._out))
+        total.update(dict(self._in))
+        return dict(total)
 
     def reattach(self, tun_fd: int) -> None:
         """Use a new TUN descriptor (the device was deleted and created again); both threads switch at
