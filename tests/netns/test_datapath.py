@@ -222,6 +222,53 @@ def test_pod_traffic_leaving_the_range_is_masqueraded(world: World) -> None:
     assert out.strip() == addr("n1"), f"seen from {out.strip()!r}, expected the node's own address"
 
 
+def source_seen_by(world: World, pod: Pod, sender_ns: str, bind: str) -> str:
+    """The source address a UDP listener in ``pod`` sees for a datagram sent from ``sender_ns`` bound to
+    ``bind`` (a node's underlay address: traffic from outside the pod range)."""
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", pod.netns, sys.executable, "-c", textwrap.dedent("""
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("0.0.0.0", 9124)); s.settimeout(10)
+            print("ready", flush=True)
+            data, peer = s.recvfrom(100)
+            print(peer[0], flush=True)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        sh("ip", "netns", "exec", sender_ns, sys.executable, "-c",
+           "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+           f"s.bind(('{bind}', 0)); s.sendto(b'hi', ('{pod.ip}', 9124))")
+        out, _ = listener.communicate(timeout=15)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.communicate()
+    return out.strip()
+
+
+def test_traffic_from_outside_the_range_is_natted_like_weave_net(world: World) -> None:
+    """NO_MASQ_LOCAL=1 (the default), seen by an outside client that routes the pod range via n1: to n1's
+    own pod the client's address is kept (``externalTrafficPolicy: Local``); to a pod on another node it
+    becomes n1's gateway, so that the answer comes back through n1 and its conntrack entry."""
+    a, c = world.pods["pa"], world.pods["pc"]
+    client, client_ip = f"{world.lab.name}-ext", "198.51.100.99"
+    switch = f"wl-{world.lab.name}-sw"
+    sh("ip", "netns", "add", client)
+    try:
+        sh("ip", "-n", switch, "link", "add", "xclient", "type", "veth", "peer", "name", "eth0", "netns", client)
+        sh("ip", "-n", switch, "link", "set", "xclient", "master", "br0", "up")
+        sh("ip", "-n", client, "link", "set", "eth0", "up")
+        sh("ip", "-n", client, "addr", "add", f"{client_ip}/24", "dev", "eth0")
+        sh("ip", "-n", client, "route", "add", "10.32.0.0/12", "via", addr("n1"))
+        assert source_seen_by(world, a, client, client_ip) == client_ip
+        gateway_n1 = world.datapath("n1")["gateway"].split("/")[0]
+        assert source_seen_by(world, c, client, client_ip) == gateway_n1
+    finally:
+        sh("ip", "netns", "del", client, check=False)
+        sh("ip", "-n", switch, "link", "del", "xclient", check=False)
+
+
 def next_hop(lab: Lab, node: str, target: str) -> str | None:
     report = lab.report(node)
     if report is None:
