@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import HostSnapshot, Lab, addr, daemon_missing, eventually, session_base, teardown_and_check
+from weaved.adapters.datapath import CHECK_INTERVAL
 from weaved.lab.plan import node_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -423,6 +424,19 @@ def test_no_datapath_daemon_touches_no_device(world: World) -> None:
     finally:
         sh("ip", "netns", "del", ns, check=False)
         sh("rm", "-rf", f"/tmp/{ns}-state", check=False)
+
+
+def test_a_deleted_bridge_is_created_again_with_its_pods_plugged_back_in(world: World) -> None:
+    ns = world.node_ns("n1")
+    a, b, c = world.pods["pa"], world.pods["pb"], world.pods["pc"]
+    sh("ip", "netns", "exec", ns, "sh", "-c", "echo 1 > /sys/class/net/vppa/brport/hairpin_mode")
+    time.sleep(CHECK_INTERVAL + 1)  # the CNI handler sets hairpin at ADD: long before; let one check see it
+    sh("ip", "-n", ns, "link", "del", "weave")
+    eventually(lambda: pings(a.netns, b.ip, attempts=1) and pings(a.netns, c.ip, attempts=1), 20,
+               "pods on n1 reach each other and n2's pod through a re-created bridge")
+    assert sh("ip", "netns", "exec", ns, "cat", "/sys/class/net/vppa/brport/hairpin_mode").stdout.strip() == "1"
+    log = world.lab.log("n1")
+    assert "re-attached vppa" in log and "re-attached vppb" in log
 
 
 def test_a_deleted_tun_is_created_again(world: World) -> None:

@@ -130,9 +130,13 @@ def underlay_mtu(ipr: IPRoute, exclude: Sequence[str] = (BRIDGE, TUN)) -> int:
 class NodeNetwork:
     """Applies :class:`Desired` to the kernel of the namespace we run in; see the module docstring."""
 
-    def __init__(self, proc_sys: Path = Path("/proc/sys")) -> None:
+    def __init__(self, proc_sys: Path = Path("/proc/sys"), sys_class_net: Path = Path("/sys/class/net")) -> None:
         self._proc_sys = proc_sys
+        self._sys_class_net = sys_class_net
         self._applied_rules: str | None = None
+        self._ports: dict[str, str] = {}
+        """The bridge's ports at the last check, with their hairpin mode: re-attached if the bridge is
+        deleted and created again (a deleted bridge releases its ports; the pods would be cut off)."""
         nft = shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin")
         if nft is None:
             raise NodeNetError("nft not found: apt-get install -y nftables")
@@ -173,7 +177,8 @@ class NodeNetwork:
 
     def _ensure_bridge(self, ipr: IPRoute, desired: Desired, changes: list[str]) -> int:
         found = ipr.link_lookup(ifname=BRIDGE)
-        if not found:
+        created = not found
+        if created:
             ipr.link("add", ifname=BRIDGE, kind="bridge")
             changes.append(f"created bridge {BRIDGE}")
             found = ipr.link_lookup(ifname=BRIDGE)
@@ -197,7 +202,37 @@ class NodeNetwork:
         if want not in have:
             ipr.addr("add", index=index, address=want[0], prefixlen=want[1])
             changes.append(f"address {desired.gateway} on {BRIDGE}")
+        if created:
+            self._reattach_ports(ipr, index, changes)
+        self._ports = {name: self._hairpin(name) for name in self._port_names(ipr, index)}
         return index
+
+    @staticmethod
+    def _port_names(ipr: IPRoute, bridge: int) -> list[str]:
+        return [str(link.get("IFLA_IFNAME")) for link in ipr.get_links() if link.get("IFLA_MASTER") == bridge]
+
+    def _hairpin_path(self, port: str) -> Path:
+        return self._sys_class_net / port / "brport" / "hairpin_mode"
+
+    def _hairpin(self, port: str) -> str:
+        try:
+            return self._hairpin_path(port).read_text().strip()
+        except OSError:
+            return "0"
+
+    def _reattach_ports(self, ipr: IPRoute, bridge: int, changes: list[str]) -> None:
+        """Plug the ports the deleted bridge had back in, with their hairpin mode (set by the CNI handler)."""
+        for name, hairpin in sorted(self._ports.items()):
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                continue  # the pod went away meanwhile
+            ipr.link("set", index=found[0], master=bridge)
+            if hairpin != "0":
+                try:
+                    self._hairpin_path(name).write_text(hairpin + "\n")
+                except OSError as exc:
+                    changes.append(f"hairpin on {name} not restored: {exc.strerror}")
+            changes.append(f"re-attached {name}")
 
     def _ensure_tun(self, ipr: IPRoute, desired: Desired, changes: list[str]) -> int:
         found = ipr.link_lookup(ifname=TUN)
