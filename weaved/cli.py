@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import weaved
 from weaved.adapters.client import ALLOCATE_TIMEOUT, TIMEOUT, ApiError, Client, DaemonUnreachable, api_address
+from weaved.adapters.datapath_report import DatapathReport
 from weaved.adapters.ipam_report import IpamReport
 from weaved.config import ConfigError, add_run_arguments, parse_settings
 from weaved.core.status import MeshStatus
@@ -73,13 +74,15 @@ def _status(client: Client, args: argparse.Namespace) -> str:
     report = client.report()
     version = str(report.pop("version", "unknown"))
     ipam_json = report.pop("ipam", None)
+    datapath_json = report.pop("datapath", None)
     try:
         status = MeshStatus.from_json(report)
         ipam = IpamReport.from_json(ipam_json) if ipam_json is not None else None
+        datapath = DatapathReport.from_json(datapath_json) if datapath_json is not None else None
     except (KeyError, TypeError) as exc:
         raise ApiError(f"{client.address} sent a report this client does not understand ({exc})") from None
     if args.view is None:
-        return render_status(status, version, ipam)
+        return render_status(status, version, ipam, datapath)
     if args.view == IPAM_VIEW:
         if ipam is None:
             raise ApiError(f"the daemon at {client.address} runs no IPAM")

@@ -40,6 +40,13 @@ a mount namespace never share a socket."""
 MAX_UNIX_PATH = 107
 DEFAULT_IPALLOC_RANGE = "10.32.0.0/12"
 DEFAULT_IPALLOC_INIT = "consensus"
+SLEEVE_PORT_OFFSET = 2
+"""The sleeve's UDP port defaults to the control port + 2 (6785), which is also what peers assume for a
+peer that advertises a bare ``sleeve`` overlay (see :func:`weaved.core.forwarding.sleeve_address`)."""
+MTU_MIN = 576
+MTU_MAX = 65_000
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -88,6 +95,16 @@ class Settings:
     """The unix socket the CNI forwarder talks to (``--cni-socket``/``WEAVE_CNI_SOCKET``; ``off``: none)."""
     cni_spool: Path = Path(DEFAULT_STATE_DIR) / "cni-pending"
     """Where the forwarder records releases while the daemon is down (``--cni-spool``/``WEAVE_CNI_SPOOL``)."""
+    datapath: bool = True
+    """Set up the node network and run the sleeve (``--no-datapath``/``WEAVE_NO_DATAPATH=1`` turn it off:
+    a daemon in the host's own namespace under test must never touch its network)."""
+    sleeve_port: int = DEFAULT_PORT + SLEEVE_PORT_OFFSET
+    """UDP port of the sleeve data socket (``WEAVE_SLEEVE_PORT``, default control port + 2)."""
+    mtu: int | None = None
+    """``WEAVE_MTU``: the pod MTU, overriding the one computed from the underlay."""
+    no_masq_local: bool = True
+    """``NO_MASQ_LOCAL`` (Weave's default since 2.7): traffic from outside the pod range to this node's own
+    pods keeps its source address (what ``externalTrafficPolicy: Local`` needs); off, it is masqueraded."""
 
 
 def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -214,6 +231,20 @@ def describe_init(mode: InitMode) -> str:
     raise TypeError(f"not an init mode: {mode!r}")  # pragma: no cover - exhaustive match
 
 
+def _bool_setting(flag: Any, env: Mapping[str, str], var: str, default: bool) -> bool:
+    if flag is not None:
+        return bool(flag)
+    raw = env.get(var)
+    if raw is None:
+        return default
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{var}: expected 1 or 0 (true/false), got {raw!r}")
+
+
 def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: str) -> Settings:
     """Merge flags (argparse's namespace as a dict, ``None`` = not given) over the environment.
 
@@ -261,6 +292,18 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         kube = parse_kube_settings(flags.get("kube"), env, hostname)
     except KubeSettingError as exc:
         raise ConfigError(str(exc)) from None
+    sleeve_port = _int_setting(flags.get("sleeve_port"), env, "WEAVE_SLEEVE_PORT", port + SLEEVE_PORT_OFFSET,
+                               "--sleeve-port/WEAVE_SLEEVE_PORT")
+    if not 0 < sleeve_port < 65536:
+        raise ConfigError(f"--sleeve-port/WEAVE_SLEEVE_PORT: {sleeve_port} out of range 1-65535")
+    if sleeve_port == port:
+        raise ConfigError(f"--sleeve-port/WEAVE_SLEEVE_PORT: {sleeve_port} is the control port; pick another")
+    mtu: int | None = None
+    if flags.get("mtu") is not None or env.get("WEAVE_MTU", "").strip():
+        mtu = _int_setting(flags.get("mtu"), env, "WEAVE_MTU", 0, "--mtu/WEAVE_MTU")
+        if not MTU_MIN <= mtu <= MTU_MAX:
+            raise ConfigError(f"--mtu/WEAVE_MTU: {mtu} out of range {MTU_MIN}-{MTU_MAX}")
+    no_datapath = _bool_setting(True if flags.get("no_datapath") else None, env, "WEAVE_NO_DATAPATH", False)
     return Settings(
         peers=unique_peers,
         port=port,
@@ -278,6 +321,10 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         cni_socket=_cni_socket(flags.get("cni_socket") or env.get("WEAVE_CNI_SOCKET", "").strip(), state_dir_text),
         cni_spool=Path(flags.get("cni_spool") or env.get("WEAVE_CNI_SPOOL", "").strip()
                        or Path(state_dir_text) / "cni-pending"),
+        datapath=not no_datapath,
+        sleeve_port=sleeve_port,
+        mtu=mtu,
+        no_masq_local=_bool_setting(None, env, "NO_MASQ_LOCAL", True),
     )
 
 
@@ -324,3 +371,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kube", action=argparse.BooleanOptionalAction, default=None,
                         help="find peers among the cluster's Nodes and reclaim deleted Nodes' addresses "
                              "(default: on when KUBERNETES_SERVICE_HOST is set)")
+    parser.add_argument("--no-datapath", action="store_true", default=None,
+                        help="control plane only: no bridge, TUN, routes or sleeve (WEAVE_NO_DATAPATH=1)")
+    parser.add_argument("--sleeve-port", metavar="PORT",
+                        help="UDP port of the sleeve data path (WEAVE_SLEEVE_PORT, default control port + 2)")
+    parser.add_argument("--mtu", metavar="BYTES",
+                        help="pod MTU (WEAVE_MTU, default: the underlay's MTU minus the sleeve's 36 bytes)")

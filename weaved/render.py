@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from weaved.adapters.datapath_report import DatapathReport
 from weaved.adapters.ipam_report import IpamReport
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus
 
@@ -49,7 +50,8 @@ def established_peer_connections(status: MeshStatus) -> int:
     return sum(1 for p in status.peers for c in p.connections if c.established)
 
 
-def render_status(status: MeshStatus, version: str, ipam: IpamReport | None = None) -> str:
+def render_status(status: MeshStatus, version: str, ipam: IpamReport | None = None,
+                  datapath: DatapathReport | None = None) -> str:
     """The ``weave status`` summary: the router service, then the ipam service when there is one."""
     rows: list[tuple[str, str]] = [("Version", version), ("", "")]
     conns = f"{len(status.connections)}"
@@ -76,7 +78,27 @@ def render_status(status: MeshStatus, version: str, ipam: IpamReport | None = No
             ("Range", ipam.range),
             ("DefaultSubnet", ipam.default_subnet),
         ]
+    if datapath is not None:
+        rows += [("", ""), *datapath_rows(datapath)]
     return "".join(f"{key:>{_LABEL_WIDTH}}: {value}\n" if key else "\n" for key, value in rows)
+
+
+def datapath_rows(report: DatapathReport) -> list[tuple[str, str]]:
+    """The ``Service: datapath`` block: state, devices, MTU, traffic and drops by reason."""
+    c = report.counters
+    drops = report.drops()
+    mtu = f"{report.mtu} (underlay {report.underlay_mtu})" if report.mtu is not None else "-"
+    return [
+        ("Service", "datapath"),
+        ("Status", report.state),
+        ("Sleeve", f"UDP {report.sleeve_port}, {report.tun}, {report.peers} peers routed, {report.routes} routes"),
+        ("Bridge", f"{report.bridge} {report.gateway or '-'}"),
+        ("MTU", mtu),
+        ("Sent", f"{c.get('tx_packets', 0)} packets, {c.get('tx_bytes', 0)} bytes"),
+        ("Received", f"{c.get('rx_packets', 0)} packets, {c.get('rx_bytes', 0)} bytes"),
+        ("Relayed", f"{c.get('relayed_packets', 0)} packets, {c.get('relayed_bytes', 0)} bytes"),
+        ("Dropped", ", ".join(f"{k} {v}" for k, v in drops.items()) or "0"),
+    ]
 
 
 def render_connections(status: MeshStatus) -> str:

@@ -65,7 +65,10 @@ class Daemon:
 
 
 def weaved(*args: str, env: dict[str, str] | None = None, timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weaved", *args], capture_output=True, text=True, timeout=timeout,
+    """``weaved ARGS``; a daemon (``run``) always without the data path: these tests run in the host's own
+    network namespace, which must never get a bridge, TUN or route."""
+    argv = [*args, "--no-datapath"] if args[:1] == ("run",) else list(args)
+    return subprocess.run([sys.executable, "-m", "weaved", *argv], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, check=False)
 
 
@@ -82,7 +85,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "weaved", "run", "--host", "127.0.0.1", "--port", str(port),
                  "--http-addr", http, "--metrics-addr", metrics, "--nickname", nickname,
-                 "--state-dir", str(tmp_path / nickname), *extra],
+                 "--state-dir", str(tmp_path / nickname), "--no-datapath", *extra],
                 stdout=sink, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items()
                                                             if not k.startswith(("WEAVE_", "KUBE_", "CONN_"))},
             )

@@ -8,6 +8,7 @@ another module's job); IPAM, the CNI socket server and the spool are the daemon'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -30,7 +31,8 @@ def main() -> int:
     add_run_arguments(parser)
     args = vars(parser.parse_args())
     bridge, mtu = args.pop("pod_bridge"), args.pop("pod_mtu")
-    settings = parse_settings(args, os.environ, socket.gethostname())
+    # The test made the node's bridge itself: the data path must not build its own network here.
+    settings = dataclasses.replace(parse_settings(args, os.environ, socket.gethostname()), datapath=False)
     configure_logging(settings.log_format, settings.log_level)
     identity = load_identity(settings.state_dir, settings.nickname)
     failures: list[str] = []

@@ -73,7 +73,8 @@ async def test_discovery_forms_the_mesh_and_a_deleted_node_is_reclaimed(tmp_path
                         [sys.executable, "-m", "weaved", "run", "--kube", "--host", ip, "--port", str(port),
                          "--http-addr", https[node], "--metrics-addr",
                          f"127.0.0.1:{free_port(socket.SOCK_STREAM, '127.0.0.1')}",
-                         "--state-dir", str(tmp_path / node), "--ipalloc-range", "10.44.0.0/24"],
+                         "--state-dir", str(tmp_path / node), "--ipalloc-range", "10.44.0.0/24",
+                         "--no-datapath"],  # the host's own namespace: no bridge, TUN or routes
                         stdout=sink, stderr=subprocess.STDOUT,
                         env={**env, "HOSTNAME": node, "WEAVED_KUBE_API": api.url})
             # no --peer anywhere: the peers come from the Node list

@@ -23,8 +23,6 @@ VALIDATOR = Path(sys.executable).parent / "kubernetes-validate"
 WEAVED_SOURCES = "\n".join(p.read_text() for p in (ROOT / "weaved").rglob("*.py"))
 
 PENDING_ENV = {
-    "WEAVE_MTU": "read on the data-path branch, not merged here yet",
-    "NO_MASQ_LOCAL": "read on the data-path branch, not merged here yet",
     "WEAVE_PASSWORD": "encryption is not implemented yet",
 }
 """Settings the manifest documents whose reader is not on this branch; strict xfail, so the day they are

@@ -37,12 +37,14 @@ Every IPAM answer that follows a change is sent only once the change is on disk 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 import weaved
+from weaved.adapters.datapath_report import DatapathReport
 from weaved.adapters.ipam import DEFAULT_IFNAME
 from weaved.adapters.ipam_report import IpamReport
 from weaved.adapters.metrics import metrics_handler
@@ -96,6 +98,8 @@ class IpamControl(Protocol):
 
 CONTROL_KEY = web.AppKey("control", MeshControl)
 IPAM_KEY = web.AppKey("ipam", IpamControl)
+DatapathSource = Callable[[], DatapathReport]
+DATAPATH_KEY: web.AppKey[DatapathSource] = web.AppKey("datapath")
 
 HTTP_STATUS = {
     "bad-request": 400,
@@ -137,8 +141,14 @@ def _ipam_report(request: web.Request) -> IpamReport | None:
     return ipam.report() if ipam is not None else None
 
 
+def _datapath_report(request: web.Request) -> DatapathReport | None:
+    datapath = request.app.get(DATAPATH_KEY)
+    return datapath() if datapath is not None else None
+
+
 async def status(request: web.Request) -> web.Response:
-    return _text(render_status(request.app[CONTROL_KEY].snapshot(), weaved.__version__, _ipam_report(request)))
+    return _text(render_status(request.app[CONTROL_KEY].snapshot(), weaved.__version__, _ipam_report(request),
+                               _datapath_report(request)))
 
 
 async def status_view(request: web.Request) -> web.Response:
@@ -158,6 +168,8 @@ async def report(request: web.Request) -> web.Response:
     body = {"version": weaved.__version__, **snapshot.to_json()}
     if (ipam := _ipam_report(request)) is not None:
         body["ipam"] = ipam.to_json()
+    if (datapath := _datapath_report(request)) is not None:
+        body["datapath"] = datapath.to_json()
     return web.json_response(body)
 
 
@@ -274,10 +286,13 @@ async def rmpeer(request: web.Request) -> web.Response:
 
 
 def api_app(control: MeshControl, registry: CollectorRegistry | None = None,
-            ipam: IpamControl | None = None) -> web.Application:
-    """The API application for ``control``; with ``registry``, ``/metrics`` too; with ``ipam``, the IPAM routes."""
+            ipam: IpamControl | None = None, datapath: Callable[[], DatapathReport] | None = None) -> web.Application:
+    """The API application for ``control``; with ``registry``, ``/metrics`` too; with ``ipam``, the IPAM routes;
+    with ``datapath``, a data path section in ``/status`` and ``/report``."""
     app = web.Application()
     app[CONTROL_KEY] = control
+    if datapath is not None:
+        app[DATAPATH_KEY] = datapath
     app.router.add_get("/status", status)
     app.router.add_get("/status/{view}", status_view)
     app.router.add_get("/report", report)

@@ -16,6 +16,9 @@ One anyio task group on the asyncio backend holds everything:
 * the HTTP API and the metrics server (aiohttp, each a task from :func:`~weaved.adapters.webserver.serve_app`),
 * a resolver for ``--peer`` host names, retrying those DNS cannot answer yet,
 * the periodic ``mesh summary`` log line,
+* the data path (:class:`~weaved.adapters.datapath.Datapath`, unless ``--no-datapath``): its packet
+  threads, and a task that keeps the node network in place; the pump refreshes its forwarding snapshot
+  after every step. On exit only its sockets close: bridge, TUN and routes stay for the next start;
 * the signal watcher: SIGTERM/SIGINT make the core say goodbye to its neighbours; the pump sends the
   goodbyes and returns, and the group is cancelled, so the process exits 0 within milliseconds.
 
@@ -45,6 +48,7 @@ from anyio.abc import TaskStatus
 
 import weaved
 from weaved.adapters.api import api_app
+from weaved.adapters.datapath import Datapath, DatapathError
 from weaved.adapters.identity import IdentityError, load_identity
 from weaved.adapters.ipam import IpamService, open_allocator
 from weaved.adapters.logs import configure_logging, describe_event, describe_summary, emit
@@ -55,6 +59,7 @@ from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSend
 from weaved.adapters.webserver import ListenError, serve_app
 from weaved.cni.service import CniSocketError, start_cni
 from weaved.config import HostPort, Settings, describe_init
+from weaved.core.forwarding import sleeve_overlay
 from weaved.core.ipam.allocator import Allocator
 from weaved.core.mesh import MeshConfig, MeshPeer
 from weaved.core.status import MeshStatus
@@ -96,6 +101,14 @@ class Node:
         self._stopping = False
         self.ipam = IpamService(allocator, store, peer.identity.nickname, nicknames=nicknames, clock=clock,
                                 wake=self.wake)
+        self.datapath: Datapath | None = None
+        """The node network and sleeve (:mod:`weaved.adapters.datapath`); None with ``--no-datapath``. Its
+        forwarding snapshot is refreshed after every pump step."""
+
+    def pod_network(self) -> PodNetwork | None:
+        """Bridge, gateway and MTU for pod interfaces (the CNI handler's input); None until the bridge holds
+        the gateway address, and always None without the data path."""
+        return self.datapath.pod_network() if self.datapath is not None else None
 
     # --- MeshControl (the API's view) -------------------------------------------------------------
 
@@ -120,10 +133,6 @@ class Node:
         return endpoints
 
     # --- lifecycle --------------------------------------------------------------------------------
-
-    def pod_network(self) -> PodNetwork | None:
-        """The node's pod network once it is up; None until then (the data path provides the real one)."""
-        return None
 
     def set_ready(self) -> None:
         self._ready = True
@@ -208,6 +217,8 @@ class Node:
         await self.ipam.commit(self.peer.send_relay)
         for data, destination in self.peer.datagrams_to_send():
             await self._sender.send(data, destination)
+        if self.datapath is not None:
+            self.datapath.refresh()
 
     def _reachable(self) -> set[PeerName]:
         """The peers the mesh has a route to now (we are never among them)."""
@@ -266,18 +277,26 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
     except OSError as exc:
         raise StartupError(f"cannot bind UDP {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     with sock:
-        peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit),
+        # Without the data path we carry no packets, so we advertise no overlay: peers route around us.
+        overlays = (sleeve_overlay(settings.sleeve_port),) if settings.datapath else ()
+        peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit, overlays=overlays),
                         random.Random(), now=clock(), initial_version=int(time.time() * 1000))
         node = Node(peer, sock, allocator, store, nicknames=nicknames, clock=clock)
-        registry = metrics_registry(node.snapshot, node.ipam.report)
+        if settings.datapath:
+            node.datapath = Datapath(settings, peer, node.ipam)
+        datapath_report = node.datapath.report if node.datapath is not None else None
+        registry = metrics_registry(node.snapshot, node.ipam.report, datapath_report)
         log.info("weaved starting", version=weaved.__version__, name=identity.name, nickname=identity.nickname,
                  short_id=identity.short_id, port=settings.port, peers=",".join(map(str, settings.peers)) or "-",
                  ipalloc_range=str(settings.ipalloc_range), ipalloc_init=describe_init(settings.ipalloc_init),
                  ipam=node.ipam.report().state)
         async with anyio.create_task_group() as tg:
             await tg.start(node.watch_signals)
-            await tg.start(serve_app, api_app(node, registry, node.ipam), settings.http_addr, "the HTTP API")
+            await tg.start(serve_app, api_app(node, registry, node.ipam, datapath_report), settings.http_addr,
+                           "the HTTP API")
             await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
+            if node.datapath is not None:  # after the ports: a daemon that cannot start changes no device
+                await tg.start(node.datapath.run)
             await start_cni(tg, settings, node.ipam, pod_network or node.pod_network)
             node.set_ready()
             log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
@@ -329,7 +348,7 @@ def run(settings: Settings) -> int:
     interrupted = False
     try:
         anyio.run(serve, settings, identity, backend="asyncio")
-    except* (StartupError, ListenError, CniSocketError) as group:  # a bare exception matches too, wrapped in a group
+    except* (StartupError, ListenError, CniSocketError, DatapathError) as group:  # a bare one comes wrapped too
         failures += _startup_errors(group)
     except* KeyboardInterrupt:  # Ctrl-C before the signal watcher was installed
         interrupted = True

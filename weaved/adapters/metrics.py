@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from weaved.adapters.datapath_report import DROP_TUN_PREFIX, DROP_UDP_PREFIX, DatapathReport
 from weaved.adapters.ipam_report import IpamReport
 from weaved.adapters.udp import SEND_ERROR_PREFIX
 from weaved.core.status import MeshStatus
@@ -125,13 +126,52 @@ class IpamCollector(Collector):
                                   value=report.counters.get("store_errors", 0))
 
 
-def metrics_registry(snapshot: Callable[[], MeshStatus],
-                     ipam: Callable[[], IpamReport] | None = None) -> CollectorRegistry:
-    """A registry with the mesh collector, the IPAM collector when given, and process metrics."""
+class DatapathCollector(Collector):
+    """The sleeve's traffic and drops, from ``report()`` at each collection (``weave_*`` names, as Weave's
+    router exports no per-packet series of its own)."""
+
+    def __init__(self, report: Callable[[], DatapathReport]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterable[Metric]:
+        report = self._report()
+        c = report.counters
+        packets = CounterMetricFamily("weave_sleeve_packets", "Packets through the sleeve, by direction.",
+                                      labels=["direction"])
+        octets = CounterMetricFamily("weave_sleeve_bytes", "Inner IP bytes through the sleeve, by direction.",
+                                     labels=["direction"])
+        for direction in ("tx", "rx", "relayed"):
+            packets.add_metric([direction], c.get(f"{direction}_packets", 0))
+            octets.add_metric([direction], c.get(f"{direction}_bytes", 0))
+        yield packets
+        yield octets
+        dropped = CounterMetricFamily("weave_sleeve_dropped_packets", "Packets the sleeve dropped, by where they "
+                                      "came from (tun or udp) and reason.", labels=["source", "reason"])
+        for prefix, source in ((DROP_TUN_PREFIX, "tun"), (DROP_UDP_PREFIX, "udp")):
+            for reason, value in _labelled(c, prefix):
+                dropped.add_metric([source, reason], value)
+        yield dropped
+        yield GaugeMetricFamily("weave_sleeve_routed_peers", "Remote peers the sleeve has a route to.",
+                                value=report.peers)
+        yield GaugeMetricFamily("weave_pod_mtu", "MTU given to pod interfaces (0 until known).",
+                                value=report.mtu or 0)
+        yield GaugeMetricFamily("weave_datapath_ready", "1 once the bridge holds the gateway address.",
+                                value=1 if report.state == "ready" else 0)
+        yield CounterMetricFamily("weave_datapath_network_changes", "Changes made to the node network after "
+                                  "its first setup (repairs, route updates).", value=c.get("network_changes", 0))
+
+
+def metrics_registry(snapshot: Callable[[], MeshStatus], ipam: Callable[[], IpamReport] | None = None,
+                     datapath: Callable[[], DatapathReport] | None = None) -> CollectorRegistry:
+    """A registry with the mesh collector, the IPAM and data path collectors when given, and process metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MeshCollector(snapshot))
     if ipam is not None:
         registry.register(IpamCollector(ipam))
+    if datapath is not None:
+        registry.register(DatapathCollector(datapath))
+    if datapath is not None:
+        registry.register(DatapathCollector(datapath))
     ProcessCollector(registry=registry)
     return registry
 

@@ -40,6 +40,8 @@ class Connection:
     next_send: float
     """When to retransmit HELLO (connecting) or send the next heartbeat (established)."""
     handshake_deadline: float
+    overlays: tuple[str, ...] = ()
+    """What the remote advertised in its HELLO or HELLO_ACK (the data path reads its sleeve port here)."""
 
     def label(self) -> str | None:
         return self.remote.label() if self.remote else None

@@ -91,6 +91,8 @@ class MeshConfig:
     settle_delay: float = 0.2
     """Routes, join/leave events and garbage collection run this long after a burst of changes."""
     backoff: Backoff = field(default_factory=Backoff)
+    overlays: tuple[str, ...] = OVERLAYS
+    """What we advertise in HELLO/HELLO_ACK; the data path adds its port (``sleeve:6785``)."""
 
 
 class MeshPeer:
@@ -218,6 +220,11 @@ class MeshPeer:
             return True
         return self._forward_unicast(relay)
 
+    def neighbours(self) -> dict[PeerName, tuple[Endpoint, tuple[str, ...]]]:
+        """Established neighbours: their control address and the overlays they advertised (the data path
+        derives their sleeve address from these)."""
+        return {c.remote.name: (c.address, c.overlays) for c in self._established() if c.remote is not None}
+
     def status(self, now: float) -> MeshStatus:
         hops = self.topology.next_hops()
         nick = {n: e.nickname for n, e in self.topology.entries.items()}
@@ -271,7 +278,7 @@ class MeshPeer:
         self.counters[f"dropped_{reason}"] += 1
 
     def _hello_ack(self, version: int) -> HelloAck:
-        return HelloAck(version, self.identity.nickname, self.topology.own.short_id, OVERLAYS)
+        return HelloAck(version, self.identity.nickname, self.topology.own.short_id, self.config.overlays)
 
     def _rate_ok(self, key: tuple[str, Endpoint], now: float, interval: float) -> bool:
         """At most one answer per ``key`` per ``interval``: replies that a forged datagram can trigger
@@ -288,8 +295,8 @@ class MeshPeer:
         return True
 
     def _hello(self) -> Hello:
-        return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id, OVERLAYS,
-                     len(self.topology.next_hops()))
+        return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id,
+                     self.config.overlays, len(self.topology.next_hops()))
 
     # --- receiving --------------------------------------------------------------------------------
 
@@ -400,7 +407,7 @@ class MeshPeer:
         conn = self._conns.get(source)
         if conn is not None and conn.remote == remote:
             # A retransmitted HELLO (our ACK was lost) or a simultaneous open we already adopted.
-            conn.last_received = now
+            conn.last_received, conn.overlays = now, hello.overlays
             self._send(source, self._hello_ack(version), version)
             return
         reason = self._check_duplicate(remote, source, now)
@@ -426,12 +433,13 @@ class MeshPeer:
             conn = Connection(source, outbound=False, state=ConnState.PENDING, remote=remote,
                               protocol_version=version, last_received=now,
                               next_send=now + self.config.hello_interval,
-                              handshake_deadline=now + self.config.handshake_timeout)
+                              handshake_deadline=now + self.config.handshake_timeout, overlays=hello.overlays)
             self._conns[source] = conn
             self._conn_event(conn, "new", "inbound handshake")
         else:
             # Simultaneous open: we were dialling them too. Keep our record, now we know who it is.
             conn.remote, conn.protocol_version, conn.last_received = remote, version, now
+            conn.overlays = hello.overlays
             conn.next_send = now + self.config.hello_interval
             self._set_state(conn, ConnState.PENDING, "simultaneous handshake")
         self._learn_target_name(source, remote.name)
@@ -465,6 +473,7 @@ class MeshPeer:
             self._fail_connection(conn, reason, now)
             return
         conn.remote, conn.protocol_version, conn.last_received = remote, ack.version, now
+        conn.overlays = ack.overlays
         self._learn_target_name(source, remote.name)
         self._send(source, Heartbeat())  # confirms the handshake to the acceptor
         self._establish(conn, now, f"protocol {ack.version}")

@@ -1,0 +1,51 @@
+"""The data path part of ``/report``: plain data the API serves, the CLI rebuilds, and status renders.
+
+Kept apart from :mod:`weaved.adapters.datapath` (which needs pyroute2 and the kernel) so that the client
+commands can read it without those imports. Counters use stable names: ``tx_packets``/``tx_bytes`` (TUN →
+sleeve), ``rx_packets``/``rx_bytes`` (sleeve → TUN), ``relayed_packets``/``relayed_bytes``, and
+``drop_tun_<reason>`` / ``drop_udp_<reason>`` with the reasons of :data:`weaved.core.sleeve.DROP_REASONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DROP_TUN_PREFIX = "drop_tun_"
+DROP_UDP_PREFIX = "drop_udp_"
+
+
+@dataclass(frozen=True)
+class DatapathReport:
+    """The data path section of ``/report`` and ``weaved status``."""
+
+    state: str
+    """``starting`` (no gateway on the bridge yet), ``ready`` or ``error: ...`` (the last check failed)."""
+    bridge: str
+    tun: str
+    gateway: str | None
+    mtu: int | None
+    underlay_mtu: int | None
+    sleeve_port: int
+    peers: int
+    """Remote peers the forwarding table has a route to."""
+    routes: int
+    """Kernel routes into the TUN."""
+    counters: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatapathReport:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+    def drops(self) -> dict[str, int]:
+        """Dropped packets by ``direction/reason`` (``tun/unowned``, ``udp/bad-magic`` …)."""
+        out: dict[str, int] = {}
+        for key, value in self.counters.items():
+            for prefix, direction in ((DROP_TUN_PREFIX, "tun"), (DROP_UDP_PREFIX, "udp")):
+                if key.startswith(prefix):
+                    out[f"{direction}/{key[len(prefix):]}"] = value
+        return dict(sorted(out.items()))
