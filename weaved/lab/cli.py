@@ -99,18 +99,16 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return _print_matrix(ops.load_state(args.name))
 
 
-def cmd_pod_add(args: argparse.Namespace) -> int:
+def cmd_pod(args: argparse.Namespace) -> int:
     host.require_root()
-    state = podops.add_pod(ops.load_state(args.name), args.node, args.pod)
-    pod = state.pods[-1]
-    _say(f"pod {pod.label}: {pod.address} (netns {pod.netns})")
-    return 0
-
-
-def cmd_pod_del(args: argparse.Namespace) -> int:
-    host.require_root()
-    podops.del_pod(ops.load_state(args.name), args.node, args.pod)
-    _say(f"pod {args.node}/{args.pod} deleted")
+    state = ops.load_state(args.name)
+    if args.action == "add":
+        state = podops.add_pod(state, args.node, args.pod)
+        pod = state.pods[-1]
+        _say(f"pod {pod.label}: {pod.address} (netns {pod.netns})")
+    else:
+        podops.del_pod(state, args.node, args.pod)
+        _say(f"pod {args.node}/{args.pod} deleted")
     return 0
 
 
@@ -300,14 +298,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     add("matrix", cmd_matrix, "every pod pings every pod and every node; prints the table")
 
-    pod = sub.add_parser("pod", help="add or delete a pod (a netns wired by the node's CNI plugin)")
-    pod_sub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
-    for action, fn, text in (("add", cmd_pod_add, "create a pod on NODE through the CNI plugin, as a runtime does"),
-                             ("del", cmd_pod_del, "delete a pod: CNI DEL, then its namespace")):
-        p = pod_sub.add_parser(action, help=text, description=text, parents=[common])
-        p.set_defaults(func=_guarded(fn))
-        p.add_argument("node", metavar="NODE")
-        p.add_argument("pod", metavar="NAME", help="1-8 characters of a-z 0-9")
+    p = add("pod", cmd_pod, "add or delete a pod: a netns wired by the node's CNI plugin, as a runtime does")
+    p.add_argument("action", choices=["add", "del"], help="add: CNI ADD in a new netns; del: CNI DEL, then the netns")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("pod", metavar="NAME", help="1-8 characters of a-z 0-9")
 
     def no_command(_: argparse.Namespace) -> int:
         lab.print_help(sys.stderr)
