@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from weaved.cni.conflist import conflist
 from weaved.lab import host
-from weaved.lab.ops import Say, _quiet, save_state, weaved_in_node
+from weaved.lab.ops import Say, _quiet, load_state, save_state, weaved_in_node
 from weaved.lab.plan import LAB_ROOT, LabError, LabState, PodRecord, lab_dir
 from weaved.lab.pods import (
     Target,
@@ -38,6 +39,10 @@ PLUGIN_TIMEOUT = 60.0
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 """Debian's containernetworking-plugins: ``portmap`` for the chain."""
 PING_WORKERS = 8
+RETRY_FOR = 60.0
+"""How long ``add_pod`` keeps retrying an ADD answered with CNI error 11 ("try again later"), as kubelet does
+while a node's network is still coming up (IPAM waiting for space, the bridge not up yet)."""
+TRY_AGAIN_LATER = 11
 SOURCE_TREE = Path(__file__).resolve().parents[2]
 """The checkout weaved runs from: ``scripts/build-cni.sh`` builds the forwarder into its ``build/``."""
 
@@ -71,6 +76,10 @@ def cni_bin_dir(state: LabState, root: Path = LAB_ROOT) -> Path:
     return path
 
 
+class TryAgainLater(LabError):
+    """The plugin answered CNI error 11: a transient condition, worth another ADD shortly."""
+
+
 def _run_plugin(state: LabState, node: str, config: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     plugin = Path(env["CNI_PATH"]) / str(config["type"])
     if not plugin.exists():
@@ -83,13 +92,15 @@ def _run_plugin(state: LabState, node: str, config: dict[str, Any], env: dict[st
     except subprocess.TimeoutExpired:
         raise LabError(f"{config['type']} {env['CNI_COMMAND']} did not answer within {PLUGIN_TIMEOUT:.0f}s") from None
     if proc.returncode != 0:
+        code = None
         try:
             error = json.loads(proc.stdout)
-            why = f"CNI error {error.get('code')}: {error.get('msg')}" + (
-                f" ({error['details']})" if error.get("details") else "")
+            code = error.get("code")
+            why = f"CNI error {code}: {error.get('msg')}" + (f" ({error['details']})" if error.get("details") else "")
         except ValueError:
             why = (proc.stdout + proc.stderr).strip() or f"exit status {proc.returncode}"
-        raise LabError(f"{config['type']} {env['CNI_COMMAND']} failed: {why}")
+        failure = TryAgainLater if code == TRY_AGAIN_LATER else LabError
+        raise failure(f"{config['type']} {env['CNI_COMMAND']} failed: {why}")
     if not proc.stdout.strip():
         return {}
     try:
@@ -99,7 +110,23 @@ def _run_plugin(state: LabState, node: str, config: dict[str, Any], env: dict[st
     return result
 
 
-def add_pod(state: LabState, node: str, name: str, root: Path = LAB_ROOT) -> LabState:
+def add_pod(state: LabState, node: str, name: str, root: Path = LAB_ROOT, *,
+            retry_for: float = RETRY_FOR) -> LabState:
+    """Create the pod and run the chain's ADD, again after "try again later" answers for ``retry_for`` seconds."""
+    deadline = time.monotonic() + retry_for
+    pause = 0.25
+    while True:
+        try:
+            return _add_pod_once(state, node, name, root)
+        except TryAgainLater:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+            state = load_state(state.name, root)
+
+
+def _add_pod_once(state: LabState, node: str, name: str, root: Path) -> LabState:
     """Create the pod's namespace and run the chain's ADD; on failure, DEL what ran and remove the namespace."""
     state.node(node)
     pod = plan_pod(state.name, node, name)
