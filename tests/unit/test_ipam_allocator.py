@@ -212,3 +212,33 @@ def test_bad_snapshot_is_a_clear_error() -> None:
         Allocator(NAMES[0], AddressRange.from_cidr("10.32.0.0/24"), parse_init("seed=" + NAMES[0], 1),
                   random.Random(1), snapshot=b"\x93\x01\x02")
     assert info.value.code == "bad-snapshot"
+
+
+def test_a_peer_that_runs_out_does_not_flood_donors_that_cannot_give() -> None:
+    """Regression (found by tests/sim/test_ipam_stateful.py): two donors that each keep their last address
+    said no in turn, and the requester asked the other one at once, forever, without time passing. A donor
+    that said no is now left alone for SPACE_REQUEST_TIMEOUT, so requests are bounded by time, not by how
+    fast the network carries the answers."""
+    cluster = Cluster("10.32.0.0/28", 3, init="seed=" + ",".join(NAMES[:3]))
+    a, b, c = NAMES[:3]
+    for name in (a, b, c):
+        assert isinstance(cluster.allocate(name, f"{name}-first"), Allocated)
+    for name in (b, c):  # fill b and c up to their last free address, which a donor never gives away
+        while cluster.peers[name].space.free_count() > 1:
+            assert isinstance(cluster.allocate(name, f"{name}-{cluster.peers[name].space.free_count()}"), Allocated)
+    while cluster.peers[a].space.free_count() > 0:
+        assert isinstance(cluster.allocate(a, f"a-{cluster.peers[a].space.free_count()}"), Allocated)
+    requests = 0
+    original = cluster.peers[a].messages
+
+    def counted() -> list[tuple[PeerName | None, bytes]]:
+        nonlocal requests
+        out = original()
+        requests += sum(1 for _, payload in out if payload[1:2] == b"\x03")  # [SPACE_REQUEST, nil]
+        return out
+
+    cluster.peers[a].messages = counted  # type: ignore[method-assign]
+    result = cluster.allocate(a, "one-too-many")  # pump() raises if the messages never quiesce
+    assert isinstance(result, AllocationFailed) and "waiting for IP" in result.message
+    # b and c are each asked at most once per SPACE_REQUEST_TIMEOUT (2 s) during the 10 s deadline.
+    assert 2 <= requests <= 2 * (10 // 2 + 1), requests

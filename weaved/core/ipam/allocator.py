@@ -56,7 +56,10 @@ SNAPSHOT_VERSION = 1
 RING_GOSSIP_INTERVAL = 30.0
 """Anti-entropy: our ring goes to every peer this often even when nothing changed."""
 SPACE_REQUEST_TIMEOUT = 2.0
-"""How long to wait for a donor's answer before asking another."""
+"""How long to wait for a donor's answer before asking another; also how long a donor that said no (or
+did not answer) is left alone before we ask it again. Without that pause a peer that ran out would ask
+the peers that have nothing to give in turn, as fast as the network carries the answers: the stateful
+test (tests/sim/test_ipam_stateful.py) found that message storm."""
 MAX_CONTAINER_ID = 256
 MAX_IFNAME = 16
 
@@ -160,6 +163,8 @@ class Allocator:
         self._done: list[Completion] = []
         self._reachable: set[PeerName] = set()
         self._asked: tuple[PeerName, float] | None = None
+        self._denied: dict[PeerName, float] = {}
+        """Donors that said no or did not answer, and until when we do not ask them again."""
         self._next_gossip: float | None = None
         self.dirty = False
         self.rejected: Counter[str] = Counter()
@@ -252,7 +257,8 @@ class Allocator:
                 self._merge_ring(decode_ring(body), now)
                 if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
                     self._asked = None
-                    self._serve(now, exclude={src})
+                    self._denied[src] = now + SPACE_REQUEST_TIMEOUT
+                    self._serve(now)
             elif kind is MsgKind.PAXOS:
                 self._receive_paxos(decode_paxos(body), now)
             elif kind is MsgKind.SPACE_REQUEST:
@@ -268,9 +274,11 @@ class Allocator:
             self._send_paxos(None)
         self._after_seeding(now)
         if self._asked is not None and now >= self._asked[1]:
-            asked = self._asked[0]
+            self._denied[self._asked[0]] = now + SPACE_REQUEST_TIMEOUT
             self._asked = None
-            self._serve(now, exclude={asked})
+            self._serve(now)
+        elif self._pending and self._asked is None and self.ring.seeded:
+            self._serve(now)  # a donor we left alone may be asked again
         if self._next_gossip is not None and now >= self._next_gossip:
             self._report_free()
             self._send_ring(None)
@@ -282,6 +290,8 @@ class Allocator:
         for value in (self.seeder.next_deadline(), self._next_gossip, self._asked[1] if self._asked else None):
             if value is not None:
                 deadlines.append(value)
+        if self._pending and self._asked is None and self._denied:
+            deadlines.append(min(self._denied.values()))
         return min(deadlines, default=None)
 
     # --- output -----------------------------------------------------------------------------------
@@ -392,7 +402,8 @@ class Allocator:
         stranded = self.space.set_ranges(self.ring.owned_ranges())
         # Our own hand-overs only give free space away, so a lease outside our ranges means a remote
         # override (an rmpeer of us while we were away): keep the lease and surface it in the counts.
-        self.rejected["lease-outside-ranges"] += len(stranded)
+        if stranded:  # (a bare += 0 would put a zero count into the status)
+            self.rejected["lease-outside-ranges"] += len(stranded)
         self.dirty = True
         if self._next_gossip is None and self.ring.seeded:
             self._next_gossip = now + RING_GOSSIP_INTERVAL * (0.5 + self._rng.random())
@@ -411,7 +422,7 @@ class Allocator:
         if self.ring.report_free(free):
             self.dirty = True
 
-    def _serve(self, now: float, exclude: set[PeerName] | None = None) -> None:
+    def _serve(self, now: float) -> None:
         """Hand out addresses to waiting requests; ask for space when ours ran out."""
         if not self._pending:
             return
@@ -432,7 +443,8 @@ class Allocator:
             self.dirty = True
             self._done.append(Allocated(pending.request, lease))
         if self._pending and self._asked is None:
-            donor = self.ring.pick_donor(self._rng, exclude=self._unreachable() | (exclude or set()))
+            self._denied = {peer: until for peer, until in self._denied.items() if until > now}
+            donor = self.ring.pick_donor(self._rng, exclude=self._unreachable() | set(self._denied))
             if donor is not None:
                 self._asked = (donor, now + SPACE_REQUEST_TIMEOUT)
                 self._send(donor, MsgKind.SPACE_REQUEST, None)
@@ -440,8 +452,14 @@ class Allocator:
     def _donate(self, to: PeerName, now: float) -> None:
         if not self.ring.seeded or self.ring.removed:
             return
+        if to in self.ring.state.removed:
+            # A request from a peer we removed: late in the network, or that peer is running again under
+            # its removed name. Never grant to it (the ring would refuse anyway); count it for the status.
+            self.rejected["request-from-removed-peer"] += 1
+            return
         block = self.space.donation()
         if block is None or self._pending:
+            self._report_free()  # our true free count travels with the no, so we are not asked at once again
             self._send(to, MsgKind.SPACE_DENIED, encode_ring(self.ring.state))
             return
         self.ring.grant(block[0], block[1], to)
