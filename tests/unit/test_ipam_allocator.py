@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from weaved.core.ipam.allocator import Allocated, AllocationFailed, Allocator, AllocError, Completion
+from weaved.core.ipam.allocator import (
+    RING_GOSSIP_INTERVAL,
+    Allocated,
+    AllocationFailed,
+    Allocator,
+    AllocError,
+    Completion,
+)
 from weaved.core.ipam.ring import AddressRange
 from weaved.core.ipam.seeding import parse_init
 from weaved.core.types import PeerName, peer_name_from_bytes
@@ -242,3 +249,19 @@ def test_a_peer_that_runs_out_does_not_flood_donors_that_cannot_give() -> None:
     assert isinstance(result, AllocationFailed) and "waiting for IP" in result.message
     # b and c are each asked at most once per SPACE_REQUEST_TIMEOUT (2 s) during the 10 s deadline.
     assert 2 <= requests <= 2 * (10 // 2 + 1), requests
+
+
+def test_a_peer_restarted_from_its_snapshot_keeps_gossiping_its_ring() -> None:
+    """Regression (found by tests/sim/test_ipam_stateful.py): anti-entropy was scheduled only when the ring
+    changed, so a peer restarted from its snapshot whose ring never changed again never gossiped it, and a
+    free-count report (or a hand-over whose messages were lost) stayed unknown to the others for good."""
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(b, "c1"), Allocated)
+    cluster.crash_and_restart(b)
+    deadline = cluster.peers[b].next_deadline()
+    assert deadline is not None and deadline <= cluster.now + RING_GOSSIP_INTERVAL * 1.5
+    cluster.advance(RING_GOSSIP_INTERVAL * 1.5)
+    assert cluster.peers[a].ring.state == cluster.peers[b].ring.state  # b's free-count report reached a
+    b_token = next(t for t in cluster.peers[a].ring.state.tokens if t.owner == b)
+    assert b_token.free == cluster.peers[b].space.free_count()

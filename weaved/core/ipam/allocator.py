@@ -21,6 +21,15 @@ seeded, each peer allocates the lowest free address of its ranges; a peer that r
 with free space (weighted by free count) for a block, and the donor grants the largest free block, at
 most half its free addresses, and sends the new ring back.
 
+**Leaving for good** (:meth:`Allocator.leave`, Weave's ``weave reset``): the peer hands every range it
+owns to one live peer it reaches (the heir), as one owner edit, and sends it its ring. The heir answers
+any ring that gave it addresses with its own ring, and that answer is the leaving peer's confirmation
+(:attr:`Departure.confirmed`); until it comes, the ring goes to the heir again every
+:data:`SPACE_REQUEST_TIMEOUT`. Leases are refused while containers still hold addresses (a range hands
+over no leases: the heir would give those addresses out again) unless forced. Afterwards allocation,
+claims and rmpeer are refused with ``left``. The peer's name is not tombstoned: restarted, it owns nothing
+and asks for space like a new peer. A plain stop or restart hands nothing over.
+
 Messages (msgpack ``[kind, body]``; kinds are append-only): ``RING`` (the whole ring state, to one
 peer or to all), ``PAXOS`` (seeding votes), ``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring).
 """
@@ -29,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +84,7 @@ class MsgKind(IntEnum):
 
 class AllocError(Exception):
     """A refused request; ``code`` is stable (``bad-request``, ``not-ready``, ``owned-elsewhere``,
-    ``in-use``, ``reserved``, ``ring``) and ``str()`` says what to do."""
+    ``in-use``, ``reserved``, ``ring``, ``left``, ``no-heir``, ``removed``) and ``str()`` says what to do."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -107,6 +116,26 @@ class AllocationFailed:
 
 
 Completion = Allocated | AllocationFailed
+
+
+@dataclass
+class Departure:
+    """What :meth:`Allocator.leave` did: ``addresses`` handed to ``heir`` (``None`` when we owned nothing),
+    the leases ``dropped`` by a forced leave, and whether a ring from someone else has shown the hand-over
+    (``confirmed``: our ranges are in live hands, not only in a message)."""
+
+    heir: PeerName | None
+    addresses: int
+    dropped: tuple[Lease, ...]
+    handed: dict[int, int]
+    """token start → the version we wrote when handing it over: what a confirming ring must show."""
+    confirmed: bool
+    retry_at: float | None = None
+    passed: set[PeerName] = field(default_factory=set)
+    """Peers we handed ranges to, or that handed ranges to us after we left: never picked as heir again.
+    Two peers that left can otherwise pass a range back and forth for ever (neither owns space, so each
+    sees the other as a fine heir); the stateful test found that. The set only grows, so the passing
+    ends: at a peer that keeps the range, or, with nobody left to try, here (``rmpeer`` recovers it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +194,8 @@ class Allocator:
         self._asked: tuple[PeerName, float] | None = None
         self._denied: dict[PeerName, float] = {}
         """Donors that said no or did not answer, and until when we do not ask them again."""
+        self.departure: Departure | None = None
+        """Set once we left the ring for good (:meth:`leave`); kept in memory only (see the module doc)."""
         self._next_gossip: float | None = None
         self.dirty = False
         self.rejected: Counter[str] = Counter()
@@ -177,6 +208,7 @@ class Allocator:
         """Ask for an address for (container, interface); the answer comes through :meth:`completions`
         (at once when possible). Asking again for the same pair returns the same lease."""
         _check_ids(container_id, ifname)
+        self._refuse_if_left()
         request = self._next_request
         self._next_request += 1
         existing = self._leases.get((container_id, ifname))
@@ -190,6 +222,7 @@ class Allocator:
     def claim(self, container_id: str, ifname: str, address: str, now: float) -> Lease:
         """Lease a given address (a container that already has it, e.g. after a restart)."""
         _check_ids(container_id, ifname)
+        self._refuse_if_left()
         try:
             value = int(ipaddress.IPv4Address(address))
         except ValueError:
@@ -231,6 +264,7 @@ class Allocator:
     def rmpeer(self, name: PeerName, now: float) -> int:
         """Remove a dead peer; returns how many addresses we inherited (often 0: the heir takes over
         when the tombstone reaches it). Safe to run on several peers at once (see docs/ipam.md)."""
+        self._refuse_if_left()
         try:
             before = self.space.free_count()
             self.ring.rmpeer(name)
@@ -239,10 +273,97 @@ class Allocator:
         self._ring_changed(now, broadcast=True)
         return max(0, self.space.free_count() - before)
 
+    def leave(self, now: float, *, force: bool = False) -> Departure:
+        """Leave the ring for good: hand every range we own to one live peer we reach, and tell it.
+
+        Refused with ``in-use`` while containers hold addresses here (their addresses would be handed out
+        again by the heir) unless ``force``, which forgets those leases; with ``no-heir`` when we own
+        addresses and reach no peer that could take them (stopping instead strands them until rmpeer).
+        Waiting requests fail with ``left``. Asking again returns the same departure (and re-sends).
+
+        Addresses that reach us *after* we left (the ring agreed by a consensus we voted in, a grant we
+        asked for before) are handed on the same way as soon as we see them (:meth:`_hand_on`).
+        """
+        if self.departure is not None:
+            if not self.departure.confirmed and self.departure.heir is not None:
+                self._send_ring(self.departure.heir)
+            return self.departure
+        if self.ring.removed:
+            raise AllocError("removed", "this peer was removed by rmpeer: it owns nothing to hand over")
+        leases = self.leases()
+        if leases and not force:
+            shown = ", ".join(f"{lease.ip()} ({lease.container_id})" for lease in leases[:3])
+            more = f" and {len(leases) - 3} more" if len(leases) > 3 else ""
+            raise AllocError("in-use", f"{len(leases)} addresses are still leased here: {shown}{more}; stop those "
+                             "containers (or release their addresses) first, or force the leave")
+        owned = self.ring.state.owned_count(self.own) if self.ring.seeded else 0
+        if owned and self._pick_heir() is None:
+            raise AllocError("no-heir", f"no other peer is reachable to take over this peer's {owned} addresses; "
+                             "connect one first (or stop this peer and rmpeer it from another)")
+        for lease in leases:
+            self.space.release(lease.address)
+        self._leases.clear()
+        for pending in self._pending:
+            self._done.append(AllocationFailed(pending.request, "left", "this peer left the IPAM ring"))
+        self._pending.clear()
+        self._asked = None
+        self.dirty = True
+        self.departure = Departure(None, 0, tuple(leases), {}, confirmed=True)
+        self._hand_on(now)
+        return self.departure
+
+    def _owned_now(self) -> int:
+        return self.ring.state.owned_count(self.own) if self.ring.seeded and not self.ring.removed else 0
+
+    def _hand_on(self, now: float) -> None:
+        """After :meth:`leave`: give whatever we own to the heir (the same one while it is reachable),
+        broadcast, and expect its confirmation; with nobody reachable, try again later."""
+        departure = self.departure
+        assert departure is not None
+        owned = self._owned_now()
+        if not owned:
+            return
+        heir = self._pick_heir(departure.passed)
+        if heir is None:
+            departure.retry_at = now + SPACE_REQUEST_TIMEOUT
+            return
+        starts = self.ring.leave(heir)  # preconditions hold: seeded, not removed, a valid live recipient
+        departure.heir = heir
+        departure.passed.add(heir)
+        departure.addresses += owned
+        departure.handed.update(
+            {start: t.version for start in starts if (t := self.ring.state.token_at(start)) is not None})
+        departure.confirmed = False
+        departure.retry_at = now + SPACE_REQUEST_TIMEOUT
+        self._ring_changed(now, broadcast=True)
+        self._send_ring(heir)
+
+    def _pick_heir(self, exclude: set[PeerName] | None = None) -> PeerName | None:
+        """A reachable peer that is not removed: one that owns space already if any (it has not left, since
+        a peer that left owns nothing, and no new owner appears), else any; the lowest name among equals."""
+        skip = {self.own, *self.ring.state.removed, *(exclude or ())}
+        candidates = sorted(p for p in self._reachable if p not in skip)
+        owners = self.ring.state.owners()
+        return next((p for p in candidates if p in owners), candidates[0] if candidates else None)
+
+    def _refuse_if_left(self) -> None:
+        if self.departure is not None:
+            raise AllocError("left", f"this peer left the IPAM ring ({self._departure_text()}); restart it to "
+                             "rejoin as an empty peer, or remove its state to start afresh")
+
+    def _departure_text(self) -> str:
+        d = self.departure
+        assert d is not None
+        if d.heir is None:
+            return "left: owned no addresses"
+        state = "confirmed" if d.confirmed else "waiting for confirmation"
+        return f"left: handed {d.addresses} addresses to {d.heir} ({state})"
+
     # --- mesh input -------------------------------------------------------------------------------
 
     def set_reachable(self, peers: set[PeerName], now: float) -> None:
         """The peers the mesh reaches now: new ones get our ring (and votes) at once."""
+        self._schedule_gossip(now)
         joined = peers - self._reachable
         self._reachable = set(peers)
         for peer in sorted(joined):
@@ -251,10 +372,11 @@ class Allocator:
 
     def receive(self, src: PeerName, payload: bytes, now: float) -> None:
         """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
+        self._schedule_gossip(now)
         try:
             kind, body = self._decode(payload)
             if kind is MsgKind.RING or kind is MsgKind.SPACE_DENIED:
-                self._merge_ring(decode_ring(body), now)
+                self._merge_ring(decode_ring(body), now, src if kind is MsgKind.RING else None)
                 if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
                     self._asked = None
                     self._denied[src] = now + SPACE_REQUEST_TIMEOUT
@@ -267,6 +389,7 @@ class Allocator:
             self.rejected[getattr(err, "reason", getattr(err, "code", "error"))] += 1
 
     def handle_timer(self, now: float) -> None:
+        self._schedule_gossip(now)
         votes = self.seeder.gossip()
         self.seeder.tick(now)
         if self.seeder.gossip() != votes:
@@ -279,6 +402,14 @@ class Allocator:
             self._serve(now)
         elif self._pending and self._asked is None and self.ring.seeded:
             self._serve(now)  # a donor we left alone may be asked again
+        departure = self.departure
+        if departure is not None and departure.retry_at is not None and now >= departure.retry_at:
+            departure.retry_at = None
+            if self._owned_now():
+                self._hand_on(now)
+            elif not departure.confirmed and departure.heir is not None:
+                self._send_ring(departure.heir)
+                departure.retry_at = now + SPACE_REQUEST_TIMEOUT
         if self._next_gossip is not None and now >= self._next_gossip:
             self._report_free()
             self._send_ring(None)
@@ -292,6 +423,8 @@ class Allocator:
                 deadlines.append(value)
         if self._pending and self._asked is None and self._denied:
             deadlines.append(min(self._denied.values()))
+        if self.departure is not None and self.departure.retry_at is not None:
+            deadlines.append(self.departure.retry_at)
         return min(deadlines, default=None)
 
     # --- output -----------------------------------------------------------------------------------
@@ -339,6 +472,8 @@ class Allocator:
         return f"{ipaddress.IPv4Address(self.range.start)}/{prefix}"
 
     def _state_text(self) -> str:
+        if self.departure is not None:
+            return self._departure_text()
         if not self.ring.seeded:
             return self.seeder.status
         if self._pending:
@@ -378,12 +513,28 @@ class Allocator:
         if paxos is not None and self.seeder.state is not SeedState.READY:
             self._send(dst, MsgKind.PAXOS, encode_paxos(paxos))
 
-    def _merge_ring(self, remote: RingState, now: float) -> None:
+    def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
+        owned_before = self.ring.state.owned_count(self.own)
         result = self.ring.merge(remote)
+        gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
+        if gained and self.departure is not None:
+            assert src is not None
+            self.departure.passed.add(src)  # before we pass it on: never straight back
         if remote.seeded and self.seeder.state is not SeedState.READY:
             self.seeder.adopt(self.ring.state)
         if result.changed:
             self._ring_changed(now, broadcast=bool(result.inherited))
+        if gained:
+            # The ring gave us addresses (a grant or a leave): answer with ours, so the giver learns that
+            # its ranges are in live hands (a leaving peer waits for exactly this).
+            assert src is not None
+            self._send_ring(src)
+        departure = self.departure
+        if departure is not None and not departure.confirmed:
+            departure.confirmed = all(
+                (token := remote.token_at(start)) is not None and token.version >= version
+                for start, version in departure.handed.items()
+            )
 
     def _receive_paxos(self, paxos: PaxosState, now: float) -> None:
         if self.seeder.receive(paxos, now):
@@ -405,12 +556,21 @@ class Allocator:
         if stranded:  # (a bare += 0 would put a zero count into the status)
             self.rejected["lease-outside-ranges"] += len(stranded)
         self.dirty = True
-        if self._next_gossip is None and self.ring.seeded:
-            self._next_gossip = now + RING_GOSSIP_INTERVAL * (0.5 + self._rng.random())
+        self._schedule_gossip(now)
+        if self.departure is not None and self._owned_now():
+            self._hand_on(now)  # we left: whatever reached us since goes on to the heir
+            return
         if broadcast:
             self._report_free()
             self._send_ring(None)
         self._serve(now)
+
+    def _schedule_gossip(self, now: float) -> None:
+        """Start anti-entropy once we hold a seeded ring. Called on every input, not only when the ring
+        changes: a peer restarted from its snapshot has a ring that may never change again, and it must
+        still gossip it (the stateful test found restarted peers silent for good)."""
+        if self._next_gossip is None and self.ring.seeded:
+            self._next_gossip = now + RING_GOSSIP_INTERVAL * (0.5 + self._rng.random())
 
     def _report_free(self) -> None:
         if not self.ring.seeded or self.ring.removed:
