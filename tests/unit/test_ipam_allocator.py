@@ -265,3 +265,97 @@ def test_a_peer_restarted_from_its_snapshot_keeps_gossiping_its_ring() -> None:
     assert cluster.peers[a].ring.state == cluster.peers[b].ring.state  # b's free-count report reached a
     b_token = next(t for t in cluster.peers[a].ring.state.tokens if t.owner == b)
     assert b_token.free == cluster.peers[b].space.free_count()
+
+
+# -- leaving for good ----------------------------------------------------------------------------------
+
+
+def test_leave_hands_every_range_to_a_live_peer_which_confirms() -> None:
+    cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join(NAMES[:3]))
+    a, b, c = NAMES[:3]
+    for name in (a, b, c):
+        assert isinstance(cluster.allocate(name, f"{name}-c"), Allocated)
+    cluster.peers[a].release(f"{a}-c", cluster.now)
+    owned = cluster.peers[a].status().owned
+    departure = cluster.peers[a].leave(cluster.now)
+    assert departure.heir in (b, c) and departure.addresses == owned and not departure.confirmed
+    cluster.pump()
+    assert departure.confirmed  # the heir answered with its ring
+    for name in (b, c):
+        status = cluster.peers[name].status()
+        assert a not in {o.name for o in status.owners}
+        assert sum(o.addresses for o in status.owners) == 256
+    assert cluster.peers[a].status().state == f"left: handed {owned} addresses to {departure.heir} (confirmed)"
+    for call in (lambda: cluster.peers[a].allocate("x", "eth0", cluster.now),
+                 lambda: cluster.peers[a].claim("x", "eth0", "10.32.0.9", cluster.now),
+                 lambda: cluster.peers[a].rmpeer(c, cluster.now)):
+        with pytest.raises(AllocError) as info:
+            call()
+        assert info.value.code == "left"
+    assert cluster.peers[a].leave(cluster.now) is departure  # asking again changes nothing
+    more = [cluster.allocate(name, f"more-{i}") for i, name in enumerate([b, c] * 20)]
+    assert all(isinstance(r, Allocated) for r in more)  # the whole range is in live hands
+    addresses = cluster.all_leases()
+    assert len(addresses) == len(set(addresses)) == 42
+
+
+def test_leave_refuses_while_containers_hold_addresses_unless_forced() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a = NAMES[0]
+    held = cluster.allocate(a, "busy")
+    assert isinstance(held, Allocated)
+    with pytest.raises(AllocError) as info:
+        cluster.peers[a].leave(cluster.now)
+    assert info.value.code == "in-use" and held.lease.ip() in str(info.value) and "busy" in str(info.value)
+    assert cluster.peers[a].departure is None and cluster.peers[a].leases() == [held.lease]
+    departure = cluster.peers[a].leave(cluster.now, force=True)
+    assert departure.dropped == (held.lease,) and cluster.peers[a].leases() == []
+    cluster.pump()
+    assert departure.confirmed and cluster.peers[NAMES[1]].status().owned == 256
+
+
+def test_leave_with_nobody_to_take_over_is_refused_and_changes_nothing() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    cluster.down = {b}
+    cluster.connect()
+    before = cluster.peers[a].ring.state
+    with pytest.raises(AllocError) as info:
+        cluster.peers[a].leave(cluster.now)
+    assert info.value.code == "no-heir" and "128 addresses" in str(info.value)
+    assert cluster.peers[a].ring.state == before and cluster.peers[a].departure is None
+
+
+def test_a_lost_hand_over_is_sent_again_until_the_heir_confirms() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    departure = cluster.peers[a].leave(cluster.now)
+    assert departure.heir == b
+    cluster.down = {b}  # b is cut off: the hand-over and the first retries are lost
+    cluster.pump()
+    cluster.advance(5.0)
+    assert not departure.confirmed and cluster.peers[a].next_deadline() is not None
+    cluster.down = set()
+    cluster.peers[b].set_reachable(set(), cluster.now)  # b's mesh lost a meanwhile; no news reached b
+    cluster.advance(3.0)  # the next retry gets through
+    assert departure.confirmed
+    assert cluster.peers[b].status().owned == 256
+
+
+def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_new_one() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    cluster.peers[a].leave(cluster.now)
+    cluster.pump()
+    cluster.crash_and_restart(a)  # the hand-over was on disk before it was sent
+    assert cluster.peers[a].departure is None and cluster.peers[a].status().owned == 0
+    cluster.done[a].clear()  # the new incarnation numbers its requests from 1 again
+    again = cluster.allocate(a, "c2")
+    assert isinstance(again, Allocated) and again.lease.container_id == "c2"
+    assert cluster.peers[b].ring.owner_of(again.lease.address) == a  # granted by b
