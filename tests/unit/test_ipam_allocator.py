@@ -359,3 +359,24 @@ def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_ne
     again = cluster.allocate(a, "c2")
     assert isinstance(again, Allocated) and again.lease.container_id == "c2"
     assert cluster.peers[b].ring.owner_of(again.lease.address) == a  # granted by b
+
+
+def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
+    """Regression (found by tests/sim/test_ipam_stateful.py): a and b leave, c owns nothing. b's best heir
+    was a (which had left and owns nothing, like c, and has the lower name), and a's was b again, for ever.
+    A peer that left now passes ranges on to neither its givers nor its heirs unless they own space."""
+    a, b, c = NAMES[:3]
+    cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join([a, b]))  # c is in no seed: it owns nothing
+    for name in (a, b, c):
+        cluster.peers[name].handle_timer(cluster.now)  # adopt the seeded ring, as the daemon does at start
+    cluster.pump()
+    assert cluster.peers[c].ring.seeded and cluster.peers[c].status().owned == 0
+    first = cluster.peers[a].leave(cluster.now)
+    assert first.heir == b  # an owner of space comes first
+    cluster.pump()
+    second = cluster.peers[b].leave(cluster.now)
+    cluster.pump()  # raises if the range keeps moving
+    assert first.confirmed and second.confirmed
+    for name in (a, b, c):
+        assert {o.name for o in cluster.peers[name].status().owners} == {c}
+    assert cluster.peers[c].status().owned == 256

@@ -132,10 +132,10 @@ class Departure:
     confirmed: bool
     retry_at: float | None = None
     passed: set[PeerName] = field(default_factory=set)
-    """Peers we handed ranges to, or that handed ranges to us after we left: never picked as heir again.
-    Two peers that left can otherwise pass a range back and forth for ever (neither owns space, so each
-    sees the other as a fine heir); the stateful test found that. The set only grows, so the passing
-    ends: at a peer that keeps the range, or, with nobody left to try, here (``rmpeer`` recovers it)."""
+    """Peers we handed ranges to, or that handed ranges to us after we left: picked as heir again only if
+    they own space (see :meth:`Allocator._pick_heir`). Two peers that left can otherwise pass a range back
+    and forth for ever (neither owns space, so each sees the other as a fine heir); the stateful test found
+    that. With nobody to pick, the ranges wait here and the hand-over is retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +338,22 @@ class Allocator:
         self._ring_changed(now, broadcast=True)
         self._send_ring(heir)
 
-    def _pick_heir(self, exclude: set[PeerName] | None = None) -> PeerName | None:
-        """A reachable peer that is not removed: one that owns space already if any (it has not left, since
-        a peer that left owns nothing, and no new owner appears), else any; the lowest name among equals."""
-        skip = {self.own, *self.ring.state.removed, *(exclude or ())}
-        candidates = sorted(p for p in self._reachable if p not in skip)
+    def _pick_heir(self, passed: set[PeerName] | None = None) -> PeerName | None:
+        """The reachable peer to hand our ranges to (never a removed one), the lowest name within the first
+        non-empty tier: a peer that owns space and is not in ``passed`` (a peer that left owns nothing, so an
+        owner has not left); any peer not in ``passed``; a peer in ``passed`` that owns space. The last tier
+        cannot make a cycle: each such hop leaves one owner fewer (the giver owns nothing afterwards, the
+        taker owned space already). See :attr:`Departure.passed`."""
+        skip = {self.own, *self.ring.state.removed}
+        reachable = sorted(p for p in self._reachable if p not in skip)
         owners = self.ring.state.owners()
-        return next((p for p in candidates if p in owners), candidates[0] if candidates else None)
+        done = passed or set()
+        for tier in ([p for p in reachable if p in owners and p not in done],
+                     [p for p in reachable if p not in done],
+                     [p for p in reachable if p in owners]):
+            if tier:
+                return tier[0]
+        return None
 
     def _refuse_if_left(self) -> None:
         if self.departure is not None:
