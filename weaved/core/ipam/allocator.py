@@ -25,7 +25,7 @@ most half its free addresses, and sends the new ring back.
 owns to one live peer it reaches (the heir), as one owner edit, and sends it its ring. The heir answers
 any ring that gave it addresses with its own ring, and that answer is the leaving peer's confirmation
 (:attr:`Departure.confirmed`); until it comes, the ring goes to the heir again every
-:data:`SPACE_REQUEST_TIMEOUT`. Leases are refused while containers still hold addresses (a range hands
+:data:`SPACE_REQUEST_TIMEOUT`. Leaving is refused while containers still hold addresses (a range hands
 over no leases: the heir would give those addresses out again) unless forced. Afterwards allocation,
 claims and rmpeer are refused with ``left``. The peer's name is not tombstoned: restarted, it owns nothing
 and asks for space like a new peer. A plain stop or restart hands nothing over.
