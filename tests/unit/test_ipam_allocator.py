@@ -364,7 +364,7 @@ def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_ne
 def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
     """Regression (found by tests/sim/test_ipam_stateful.py): a and b leave, c owns nothing. b's best heir
     was a (which had left and owns nothing, like c, and has the lower name), and a's was b again, for ever.
-    A peer that left now passes ranges on to neither its givers nor its heirs unless they own space."""
+    A peer seen to leave (its ring shows it gave away all it owned) is now never picked as heir."""
     a, b, c = NAMES[:3]
     cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join([a, b]))  # c is in no seed: it owns nothing
     for name in (a, b, c):

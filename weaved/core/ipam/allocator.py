@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -131,11 +131,6 @@ class Departure:
     """token start → the version we wrote when handing it over: what a confirming ring must show."""
     confirmed: bool
     retry_at: float | None = None
-    passed: set[PeerName] = field(default_factory=set)
-    """Peers we handed ranges to, or that handed ranges to us after we left: picked as heir again only if
-    they own space (see :meth:`Allocator._pick_heir`). Two peers that left can otherwise pass a range back
-    and forth for ever (neither owns space, so each sees the other as a fine heir); the stateful test found
-    that. With nobody to pick, the ranges wait here and the hand-over is retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +191,11 @@ class Allocator:
         """Donors that said no or did not answer, and until when we do not ask them again."""
         self.departure: Departure | None = None
         """Set once we left the ring for good (:meth:`leave`); kept in memory only (see the module doc)."""
+        self.leavers: set[PeerName] = set()
+        """Peers seen to leave: a ring from a peer that owned space in our view, or that handed us space,
+        showing it owns nothing now. A donor keeps its last address and a removed peer is tombstoned, so
+        nothing else looks like that. Never picked as heir: two peers that left would otherwise pass ranges
+        back and forth for ever (the stateful test found that). Grows only; kept in memory only."""
         self._next_gossip: float | None = None
         self.dirty = False
         self.rejected: Counter[str] = Counter()
@@ -323,13 +323,12 @@ class Allocator:
         owned = self._owned_now()
         if not owned:
             return
-        heir = self._pick_heir(departure.passed)
+        heir = self._pick_heir()
         if heir is None:
             departure.retry_at = now + SPACE_REQUEST_TIMEOUT
             return
         starts = self.ring.leave(heir)  # preconditions hold: seeded, not removed, a valid live recipient
         departure.heir = heir
-        departure.passed.add(heir)
         departure.addresses += owned
         departure.handed.update(
             {start: t.version for start in starts if (t := self.ring.state.token_at(start)) is not None})
@@ -338,22 +337,18 @@ class Allocator:
         self._ring_changed(now, broadcast=True)
         self._send_ring(heir)
 
-    def _pick_heir(self, passed: set[PeerName] | None = None) -> PeerName | None:
-        """The reachable peer to hand our ranges to (never a removed one), the lowest name within the first
-        non-empty tier: a peer that owns space and is not in ``passed`` (a peer that left owns nothing, so an
-        owner has not left); any peer not in ``passed``; a peer in ``passed`` that owns space. The last tier
-        cannot make a cycle: each such hop leaves one owner fewer (the giver owns nothing afterwards, the
-        taker owned space already). See :attr:`Departure.passed`."""
-        skip = {self.own, *self.ring.state.removed}
+    def _pick_heir(self) -> PeerName | None:
+        """The reachable peer to hand our ranges to: never a removed peer or one seen to leave
+        (:attr:`leavers`); an owner of space first (it is staying), then anyone; the lowest name among
+        equals. ``None`` when nobody qualifies: the ranges wait here and the hand-over is retried.
+
+        Why passing among leavers ends: every hand-over from a leaver reaches its taker with the giver
+        owning nothing, so the taker learns it left and never hands it anything back; the leavers each
+        peer knows only grow, and there are finitely many peers."""
+        skip = {self.own, *self.ring.state.removed, *self.leavers}
         reachable = sorted(p for p in self._reachable if p not in skip)
         owners = self.ring.state.owners()
-        done = passed or set()
-        for tier in ([p for p in reachable if p in owners and p not in done],
-                     [p for p in reachable if p not in done],
-                     [p for p in reachable if p in owners]):
-            if tier:
-                return tier[0]
-        return None
+        return next((p for p in reachable if p in owners), reachable[0] if reachable else None)
 
     def _refuse_if_left(self) -> None:
         if self.departure is not None:
@@ -524,11 +519,12 @@ class Allocator:
 
     def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
         owned_before = self.ring.state.owned_count(self.own)
+        src_before = self.ring.state.owned_count(src) if src is not None else 0
         result = self.ring.merge(remote)
         gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
-        if gained and self.departure is not None:
-            assert src is not None
-            self.departure.passed.add(src)  # before we pass it on: never straight back
+        if (src is not None and (src_before or gained) and remote.seeded and src not in remote.removed
+                and not remote.owned_count(src)):
+            self.leavers.add(src)  # before we pass anything on: never back to a peer that left
         if remote.seeded and self.seeder.state is not SeedState.READY:
             self.seeder.adopt(self.ring.state)
         if result.changed:
