@@ -298,8 +298,9 @@ class Allocator:
                              "containers (or release their addresses) first, or force the leave")
         owned = self.ring.state.owned_count(self.own) if self.ring.seeded else 0
         if owned and self._pick_heir() is None:
-            raise AllocError("no-heir", f"no other peer is reachable to take over this peer's {owned} addresses; "
-                             "connect one first (or stop this peer and rmpeer it from another)")
+            raise AllocError("no-heir", f"no other peer is reachable to take over this peer's {owned} addresses "
+                             "(peers that left do not count); connect one first (or stop this peer and rmpeer "
+                             "it from another)")
         for lease in leases:
             self.space.release(lease.address)
         self._leases.clear()
