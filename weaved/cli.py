@@ -19,7 +19,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 import weaved
-from weaved.adapters.client import ALLOCATE_TIMEOUT, TIMEOUT, ApiError, Client, DaemonUnreachable, api_address
+from weaved.adapters.client import (
+    ALLOCATE_TIMEOUT,
+    LEAVE_TIMEOUT,
+    TIMEOUT,
+    ApiError,
+    Client,
+    DaemonUnreachable,
+    api_address,
+)
 from weaved.adapters.datapath_report import DatapathReport
 from weaved.adapters.ipam_report import IpamReport
 from weaved.config import ConfigError, add_run_arguments, parse_settings
@@ -131,6 +139,10 @@ def _rmpeer(client: Client, args: argparse.Namespace) -> str:
     return client.rmpeer(args.peer)
 
 
+def _reset(client: Client, args: argparse.Namespace) -> str:
+    return client.leave(force=args.force)
+
+
 def _add_ipam_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ipam = commands.add_parser("ipam", help="container addresses: alloc, claim, release, leases, gateway",
                                description="Ask the local daemon for pod addresses, as the CNI plugin does.")
@@ -168,6 +180,18 @@ def _add_ipam_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     rmpeer.add_argument("peer", metavar="NAME", help="the peer's name or nickname")
     _add_api_argument(rmpeer)
     rmpeer.set_defaults(func=_client_command(_rmpeer))
+
+    reset = commands.add_parser(
+        "reset", help="leave the IPAM ring for good, handing this peer's addresses to a live peer",
+        description="Like 'weave reset' for IPAM: hand every address range this peer owns to a live peer, so "
+                    "none is stranded and no rmpeer is needed. Refused while containers here hold addresses. "
+                    "Then stop the daemon (and delete its state directory to forget the peer name). A plain "
+                    "stop or restart hands nothing over.")
+    reset.add_argument("--force", action="store_true",
+                       help="leave even though containers hold addresses here; their leases are forgotten and the "
+                            "addresses will be handed out again elsewhere (only for containers that are gone)")
+    _add_api_argument(reset)
+    reset.set_defaults(func=_client_command(_reset, LEAVE_TIMEOUT))
 
 
 def _add_api_argument(parser: argparse.ArgumentParser) -> None:

@@ -418,3 +418,58 @@ async def test_rmpeer_by_nickname_needs_the_peer_unreachable(tmp_path: Path) -> 
         await ipam.rmpeer("other")
     assert ipam.resolve_peer("other") == OTHER
     assert ipam.resolve_peer(OTHER.upper()) == OTHER
+
+
+async def test_leave_is_on_disk_before_the_hand_over_is_sent_and_waits_for_the_heir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ipam_module, "LEAVE_CONFIRM_TIMEOUT", 0.3)
+    store = GatedStore(tmp_path)
+    store.gate.set()
+    ipam = service(tmp_path, store)
+    me = ipam.allocator.own
+    heir = Allocator(OTHER, RANGE, SeedInit((me, OTHER)), random.Random(6))
+    heir.handle_timer(0.0)
+    heir.set_reachable({me}, 0.0)
+    heir.messages()
+    sent: list[tuple[PeerName | None, bytes, int]] = []
+
+    def send(dst: PeerName | None, channel: str, payload: bytes) -> bool:
+        sent.append((dst, payload, len(store.writes)))
+        return True
+
+    ipam.on_event(PeerJoined(OTHER, "other", ()), lambda: {OTHER})
+    await ipam.commit(send)
+    sent.clear()
+    store.gate.clear()
+    result: list[tuple[bool, int]] = []
+
+    async def leave() -> None:
+        departure, confirmed = await ipam.leave()
+        result.append((confirmed, departure.addresses))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leave)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(ipam.commit, send)
+        with anyio.fail_after(5):
+            while store.entered < 2:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)
+        assert sent == [], "nothing leaves before the hand-over is on disk"
+        writes = len(store.writes)
+        store.gate.set()
+    assert result == [(False, 128)], "no answer from the heir within the wait: not confirmed"
+    assert sent and all(count > writes for _, _, count in sent)
+    on_disk = Allocator(me, RANGE, SeedInit((me, OTHER)), random.Random(1), snapshot=store.writes[-1].snapshot)
+    assert on_disk.ring.owned_ranges() == [], "a crash now restarts owning nothing"
+    for dst, payload, _ in sent:
+        if dst in (None, OTHER):
+            heir.receive(me, payload, 1.0)
+    assert heir.status().owned == 256
+    for _, payload in heir.messages():
+        ipam.on_event(RelayDelivered(OTHER, "ipam", payload), lambda: {OTHER})
+    await ipam.commit(send)
+    assert ipam.allocator.departure is not None and ipam.allocator.departure.confirmed
+    assert ipam.report().state == f"left: handed 128 addresses to {OTHER} (confirmed)"
+    with pytest.raises(AllocError, match="this peer left the IPAM ring"):
+        await ipam.allocate("c1", "eth0")

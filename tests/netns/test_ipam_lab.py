@@ -1,10 +1,11 @@
-"""IPAM on a real 3-node lab: 300 allocations across a partition and a crash, then rmpeer of a dead node.
+"""IPAM on a real 3-node lab: 300 allocations across a partition and a crash, rmpeer of a dead node, reset.
 
 Each daemon runs in its own network namespace behind the lab's switch, gossiping over the TEST-NET underlay.
 Allocations go through the local HTTP API (as the CNI plugin will call it), in bulk from one small Python
 process per batch inside the node's namespace; single ones through the ``weaved ipam`` CLI. The checks are
 the issue's: no address handed out twice, every lease survives a ``kill -9`` and restart, and a node removed
-for good gives its space back when ``rmpeer`` runs on two peers at once.
+for good gives its space back when ``rmpeer`` runs on two peers at once, and a node that is decommissioned
+hands its ranges to a live one with ``weaved reset``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def assert_unique(handed_out: dict[str, str]) -> None:
         assert ipaddress.IPv4Address(address) in ipaddress.IPv4Network("10.32.0.0/12")
 
 
-def test_300_allocations_partition_crash_and_rmpeer(lab: Lab) -> None:
+def test_300_allocations_partition_crash_rmpeer_and_reset(lab: Lab) -> None:
     # Seeding is lazy, as in Weave Net: the ring is agreed when the first allocation asks for it; here that is
     # each node's data path asking for its gateway address as it starts.
     handed_out: dict[str, str] = {}  # container id → CIDR, as the API answered
@@ -166,3 +167,11 @@ def test_300_allocations_partition_crash_and_rmpeer(lab: Lab) -> None:
     time.sleep(0.5)
     batch("n1", "z", 5)
     assert_unique(handed_out)
+
+    # 5. n2 is decommissioned: its containers are gone (a forced reset forgets their leases) and it hands
+    # every range to n1, which confirms; no rmpeer needed, and n1 owns the whole range.
+    done = lab.exec("n2", "weaved", "reset", "--force", check=True).stdout
+    assert done.startswith("handed ") and "(n1), which confirmed; forgot " in done, done
+    assert owners(lab, "n1") == {"n1": RANGE_SIZE}
+    refused = lab.exec("n2", "weaved", "ipam", "alloc", "after-reset")
+    assert refused.returncode == 1 and "this peer left the IPAM ring" in refused.stderr

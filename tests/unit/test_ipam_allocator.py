@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from weaved.core.ipam.allocator import Allocated, AllocationFailed, Allocator, AllocError, Completion
+from weaved.core.ipam.allocator import (
+    RING_GOSSIP_INTERVAL,
+    Allocated,
+    AllocationFailed,
+    Allocator,
+    AllocError,
+    Completion,
+)
 from weaved.core.ipam.ring import AddressRange
 from weaved.core.ipam.seeding import parse_init
 from weaved.core.types import PeerName, peer_name_from_bytes
@@ -212,3 +219,164 @@ def test_bad_snapshot_is_a_clear_error() -> None:
         Allocator(NAMES[0], AddressRange.from_cidr("10.32.0.0/24"), parse_init("seed=" + NAMES[0], 1),
                   random.Random(1), snapshot=b"\x93\x01\x02")
     assert info.value.code == "bad-snapshot"
+
+
+def test_a_peer_that_runs_out_does_not_flood_donors_that_cannot_give() -> None:
+    """Regression (found by tests/sim/test_ipam_stateful.py): two donors that each keep their last address
+    said no in turn, and the requester asked the other one at once, forever, without time passing. A donor
+    that said no is now left alone for SPACE_REQUEST_TIMEOUT, so requests are bounded by time, not by how
+    fast the network carries the answers."""
+    cluster = Cluster("10.32.0.0/28", 3, init="seed=" + ",".join(NAMES[:3]))
+    a, b, c = NAMES[:3]
+    for name in (a, b, c):
+        assert isinstance(cluster.allocate(name, f"{name}-first"), Allocated)
+    for name in (b, c):  # fill b and c up to their last free address, which a donor never gives away
+        while cluster.peers[name].space.free_count() > 1:
+            assert isinstance(cluster.allocate(name, f"{name}-{cluster.peers[name].space.free_count()}"), Allocated)
+    while cluster.peers[a].space.free_count() > 0:
+        assert isinstance(cluster.allocate(a, f"a-{cluster.peers[a].space.free_count()}"), Allocated)
+    requests = 0
+    original = cluster.peers[a].messages
+
+    def counted() -> list[tuple[PeerName | None, bytes]]:
+        nonlocal requests
+        out = original()
+        requests += sum(1 for _, payload in out if payload[1:2] == b"\x03")  # [SPACE_REQUEST, nil]
+        return out
+
+    cluster.peers[a].messages = counted  # type: ignore[method-assign]
+    result = cluster.allocate(a, "one-too-many")  # pump() raises if the messages never quiesce
+    assert isinstance(result, AllocationFailed) and "waiting for IP" in result.message
+    # b and c are each asked at most once per SPACE_REQUEST_TIMEOUT (2 s) during the 10 s deadline.
+    assert 2 <= requests <= 2 * (10 // 2 + 1), requests
+
+
+def test_a_peer_restarted_from_its_snapshot_keeps_gossiping_its_ring() -> None:
+    """Regression (found by tests/sim/test_ipam_stateful.py): anti-entropy was scheduled only when the ring
+    changed, so a peer restarted from its snapshot whose ring never changed again never gossiped it, and a
+    free-count report (or a hand-over whose messages were lost) stayed unknown to the others for good."""
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(b, "c1"), Allocated)
+    cluster.crash_and_restart(b)
+    deadline = cluster.peers[b].next_deadline()
+    assert deadline is not None and deadline <= cluster.now + RING_GOSSIP_INTERVAL * 1.5
+    cluster.advance(RING_GOSSIP_INTERVAL * 1.5)
+    assert cluster.peers[a].ring.state == cluster.peers[b].ring.state  # b's free-count report reached a
+    b_token = next(t for t in cluster.peers[a].ring.state.tokens if t.owner == b)
+    assert b_token.free == cluster.peers[b].space.free_count()
+
+
+# -- leaving for good ----------------------------------------------------------------------------------
+
+
+def test_leave_hands_every_range_to_a_live_peer_which_confirms() -> None:
+    cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join(NAMES[:3]))
+    a, b, c = NAMES[:3]
+    for name in (a, b, c):
+        assert isinstance(cluster.allocate(name, f"{name}-c"), Allocated)
+    cluster.peers[a].release(f"{a}-c", cluster.now)
+    owned = cluster.peers[a].status().owned
+    departure = cluster.peers[a].leave(cluster.now)
+    assert departure.heir in (b, c) and departure.addresses == owned and not departure.confirmed
+    cluster.pump()
+    assert departure.confirmed  # the heir answered with its ring
+    for name in (b, c):
+        status = cluster.peers[name].status()
+        assert a not in {o.name for o in status.owners}
+        assert sum(o.addresses for o in status.owners) == 256
+    assert cluster.peers[a].status().state == f"left: handed {owned} addresses to {departure.heir} (confirmed)"
+    for call in (lambda: cluster.peers[a].allocate("x", "eth0", cluster.now),
+                 lambda: cluster.peers[a].claim("x", "eth0", "10.32.0.9", cluster.now),
+                 lambda: cluster.peers[a].rmpeer(c, cluster.now)):
+        with pytest.raises(AllocError) as info:
+            call()
+        assert info.value.code == "left"
+    assert cluster.peers[a].leave(cluster.now) is departure  # asking again changes nothing
+    more = [cluster.allocate(name, f"more-{i}") for i, name in enumerate([b, c] * 20)]
+    assert all(isinstance(r, Allocated) for r in more)  # the whole range is in live hands
+    addresses = cluster.all_leases()
+    assert len(addresses) == len(set(addresses)) == 42
+
+
+def test_leave_refuses_while_containers_hold_addresses_unless_forced() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a = NAMES[0]
+    held = cluster.allocate(a, "busy")
+    assert isinstance(held, Allocated)
+    with pytest.raises(AllocError) as info:
+        cluster.peers[a].leave(cluster.now)
+    assert info.value.code == "in-use" and held.lease.ip() in str(info.value) and "busy" in str(info.value)
+    assert cluster.peers[a].departure is None and cluster.peers[a].leases() == [held.lease]
+    departure = cluster.peers[a].leave(cluster.now, force=True)
+    assert departure.dropped == (held.lease,) and cluster.peers[a].leases() == []
+    cluster.pump()
+    assert departure.confirmed and cluster.peers[NAMES[1]].status().owned == 256
+
+
+def test_leave_with_nobody_to_take_over_is_refused_and_changes_nothing() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    cluster.down = {b}
+    cluster.connect()
+    before = cluster.peers[a].ring.state
+    with pytest.raises(AllocError) as info:
+        cluster.peers[a].leave(cluster.now)
+    assert info.value.code == "no-heir" and "128 addresses" in str(info.value)
+    assert cluster.peers[a].ring.state == before and cluster.peers[a].departure is None
+
+
+def test_a_lost_hand_over_is_sent_again_until_the_heir_confirms() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    departure = cluster.peers[a].leave(cluster.now)
+    assert departure.heir == b
+    cluster.down = {b}  # b is cut off: the hand-over and the first retries are lost
+    cluster.pump()
+    cluster.advance(5.0)
+    assert not departure.confirmed and cluster.peers[a].next_deadline() is not None
+    cluster.down = set()
+    cluster.peers[b].set_reachable(set(), cluster.now)  # b's mesh lost a meanwhile; no news reached b
+    cluster.advance(3.0)  # the next retry gets through
+    assert departure.confirmed
+    assert cluster.peers[b].status().owned == 256
+
+
+def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_new_one() -> None:
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    cluster.peers[a].leave(cluster.now)
+    cluster.pump()
+    cluster.crash_and_restart(a)  # the hand-over was on disk before it was sent
+    assert cluster.peers[a].departure is None and cluster.peers[a].status().owned == 0
+    cluster.done[a].clear()  # the new incarnation numbers its requests from 1 again
+    again = cluster.allocate(a, "c2")
+    assert isinstance(again, Allocated) and again.lease.container_id == "c2"
+    assert cluster.peers[b].ring.owner_of(again.lease.address) == a  # granted by b
+
+
+def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
+    """Regression (found by tests/sim/test_ipam_stateful.py): a and b leave, c owns nothing. b's best heir
+    was a (which had left and owns nothing, like c, and has the lower name), and a's was b again, for ever.
+    A peer seen to leave (its ring shows it gave away all it owned) is now never picked as heir."""
+    a, b, c = NAMES[:3]
+    cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join([a, b]))  # c is in no seed: it owns nothing
+    for name in (a, b, c):
+        cluster.peers[name].handle_timer(cluster.now)  # adopt the seeded ring, as the daemon does at start
+    cluster.pump()
+    assert cluster.peers[c].ring.seeded and cluster.peers[c].status().owned == 0
+    first = cluster.peers[a].leave(cluster.now)
+    assert first.heir == b  # an owner of space comes first
+    cluster.pump()
+    second = cluster.peers[b].leave(cluster.now)
+    cluster.pump()  # raises if the range keeps moving
+    assert first.confirmed and second.confirmed
+    for name in (a, b, c):
+        assert {o.name for o in cluster.peers[name].status().owners} == {c}
+    assert cluster.peers[c].status().owned == 256

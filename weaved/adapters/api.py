@@ -28,6 +28,12 @@ IPAM, for the CNI plugin and the CLI, when an :class:`IpamControl` is given (Wea
 * ``GET /ip``: every lease as JSON ``[{container_id, ifname, address}]``,
 * ``GET /ipam/gateway``: this node's own address on the pod network,
 * ``DELETE /peer/{name-or-nickname}``: ``rmpeer``, give a dead peer's addresses to the living,
+* ``POST /ipam/leave[?force=true]``: leave the ring for good (``weaved reset``): hand every range this peer
+  owns to a live peer. 200 once the heir confirmed, 202 when the hand-over is on disk and sent but not yet
+  confirmed (the daemon keeps re-sending it while it runs); 409 while containers still hold addresses here
+  (``force`` forgets their leases: only for containers that are gone), 503 when no peer can take over.
+  Afterwards this peer refuses allocations (503, ``left``); a plain stop or restart never hands anything
+  over. A POST rather than ``DELETE /ipam``, so that nothing that merely cleans up resources can fire it.
 * ``GET /status/ipam``: the text of ``weave status ipam``; ``/status`` and ``/report`` include IPAM too.
 
 Every IPAM answer that follows a change is sent only once the change is on disk (see
@@ -50,7 +56,7 @@ from weaved.adapters.ipam_report import IpamReport
 from weaved.adapters.metrics import metrics_handler
 from weaved.adapters.resolve import ResolveError
 from weaved.config import ConfigError, HostPort, parse_peer
-from weaved.core.ipam.allocator import AllocError, Lease
+from weaved.core.ipam.allocator import AllocError, Departure, Lease
 from weaved.core.status import MeshStatus
 from weaved.core.types import Endpoint, PeerName
 from weaved.render import IPAM_VIEW, VIEWS, render_ipam, render_status
@@ -95,6 +101,8 @@ class IpamControl(Protocol):
 
     async def rmpeer(self, peer: str) -> tuple[PeerName, int]: ...
 
+    async def leave(self, force: bool = False) -> tuple[Departure, bool]: ...
+
 
 CONTROL_KEY = web.AppKey("control", MeshControl)
 IPAM_KEY = web.AppKey("ipam", IpamControl)
@@ -112,6 +120,8 @@ HTTP_STATUS = {
     "self": 409,
     "reachable": 409,
     "ambiguous": 409,
+    "left": 503,
+    "no-heir": 503,
 }
 """HTTP status by :class:`AllocError` code; anything else (``not-ready``, ``timeout``, ``removed``, ``store``)
 is 503: IPAM cannot serve now, and the CNI plugin may retry."""
@@ -285,6 +295,25 @@ async def rmpeer(request: web.Request) -> web.Response:
     return _text(f"{taken} IPs taken over from {ipam.label(name)}\n")
 
 
+async def ipam_leave(request: web.Request) -> web.Response:
+    ipam = request.app[IPAM_KEY]
+    force = request.query.get("force", "").lower()
+    if force not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise web.HTTPBadRequest(text=f"force must be true or false, got {force!r}\n")
+    try:
+        departure, confirmed = await ipam.leave(force=force in ("true", "1", "yes"))
+    except AllocError as exc:
+        raise _refused(exc) from None
+    dropped = f"; forgot {len(departure.dropped)} leases" if departure.dropped else ""
+    if departure.heir is None:
+        return _text(f"left the IPAM ring: this peer owned no addresses{dropped}\n")
+    heir = ipam.label(departure.heir)
+    if confirmed:
+        return _text(f"handed {departure.addresses} IPs to {heir}, which confirmed{dropped}\n")
+    return _text(f"handed {departure.addresses} IPs to {heir}, not confirmed yet{dropped}: this peer re-sends the "
+                 "hand-over while it runs; keep it running until 'weaved status ipam' says confirmed\n", 202)
+
+
 def api_app(control: MeshControl, registry: CollectorRegistry | None = None,
             ipam: IpamControl | None = None, datapath: Callable[[], DatapathReport] | None = None) -> web.Application:
     """The API application for ``control``; with ``registry``, ``/metrics`` too; with ``ipam``, the IPAM routes;
@@ -311,4 +340,5 @@ def api_app(control: MeshControl, registry: CollectorRegistry | None = None,
         app.router.add_get("/ip", ip_leases)
         app.router.add_get("/ipam/gateway", ipam_gateway)
         app.router.add_delete("/peer/{peer}", rmpeer)
+        app.router.add_post("/ipam/leave", ipam_leave)
     return app

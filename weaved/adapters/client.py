@@ -1,7 +1,7 @@
 """A small client for the daemon's local HTTP API, on the standard library only.
 
-The CLI's client commands (``weaved status``, ``report``, ``connect``, ``forget``, ``ipam``, ``rmpeer``) are
-short-lived: stdlib ``urllib`` keeps them quick to start and free of the daemon's dependencies. Failures
+The CLI's client commands (``weaved status``, ``report``, ``connect``, ``forget``, ``ipam``, ``rmpeer``,
+``reset``) are short-lived: stdlib ``urllib`` keeps them quick to start and free of the daemon's dependencies. Failures
 become one of two exceptions whose text is a single line for the operator: :class:`DaemonUnreachable`
 (nothing answers, the usual case being that the daemon is not running) and :class:`ApiError` (it answered,
 with an error).
@@ -20,6 +20,8 @@ from weaved.config import DEFAULT_HTTP_ADDR, parse_host_port
 
 TIMEOUT = 5.0
 """Seconds to wait for the daemon; it answers from memory, so anything longer means trouble."""
+LEAVE_TIMEOUT = 30.0
+"""Seconds to wait for ``reset``: the daemon writes its state and waits up to 10 s for the heir's answer."""
 ALLOCATE_TIMEOUT = 60.0
 """Seconds to wait for an address: the first one waits for the peers to agree on the range, and the daemon
 itself gives up after 30 s with the reason, which is better to show than a client-side timeout."""
@@ -115,6 +117,10 @@ class Client:
 
     def rmpeer(self, peer: str) -> str:
         return self.request("DELETE", f"/peer/{_segment(peer)}")
+
+    def leave(self, force: bool = False) -> str:
+        """Leave the IPAM ring for good (``weaved reset``); the daemon's one-line account of the hand-over."""
+        return self.request("POST", "/ipam/leave", {"force": "true"} if force else None)
 
 
 def _segment(text: str) -> str:

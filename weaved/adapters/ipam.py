@@ -20,8 +20,14 @@ so a change made by an API handler during the write is never sent or answered be
 write that fails holds everything back (nothing is sent, nobody is answered) and is retried every
 :data:`STORE_RETRY` seconds; waiting requests fail with the store's error once their time is up.
 
-Handlers that change state without a completion (claim, release, rmpeer) wait for a write that *started*
-after their change (:meth:`IpamService._until_durable`), so their answer, too, never precedes the disk.
+Handlers that change state without a completion (claim, release, rmpeer, leave) wait for a write that
+*started* after their change (:meth:`IpamService._until_durable`), so their answer, too, never precedes the disk.
+
+**Leaving for good** (:meth:`IpamService.leave`, ``weaved reset``): the allocator hands every range to a live
+heir; the hand-over is on disk before the ring carrying it is sent (the rule above), so a crash right after
+restarts owning nothing, never owning what the heir may already give out. The call then waits up to
+:data:`LEAVE_CONFIRM_TIMEOUT` for the heir's answer. Only this call hands anything over: stopping or
+restarting the daemon keeps every range and lease, as it must for containers that outlive a restart.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from weaved.core.ipam.allocator import (
     Allocator,
     AllocError,
     Completion,
+    Departure,
     Lease,
 )
 from weaved.core.ipam.ring import AddressRange, valid_peer_name
@@ -62,6 +69,9 @@ STORE_RETRY = 1.0
 """Seconds between attempts to write the state file after a failure."""
 ANSWER_GRACE = 5.0
 """How much longer than the allocator's own deadline a request waits (for a store that cannot write)."""
+LEAVE_CONFIRM_TIMEOUT = 10.0
+"""How long ``leave`` waits for the heir's confirmation before answering that it is still pending (the
+allocator keeps re-sending the hand-over while the daemon runs)."""
 LOG_REPEAT = 60.0
 """A refusal of the same kind from the same peer is logged at most once per this many seconds."""
 GATEWAY_ID = "weave:gateway"
@@ -121,6 +131,8 @@ class IpamService:
         self._durable = 0
         """The last write that finished successfully (numbered like :attr:`_started`)."""
         self._durable_event = anyio.Event()
+        self._committed = anyio.Event()
+        """Set (and replaced) after every commit: what a waiter for news from the network waits on."""
         self._retry_at: float | None = None
         self._store_error: str | None = None
         self._seeded = allocator.ring.seeded
@@ -255,6 +267,8 @@ class IpamService:
             self._seeded = True
             status = self.allocator.status()
             self._log.info("ipam ready", range=status.range, owners=len(status.owners), owned=status.owned)
+        self._committed.set()
+        self._committed = anyio.Event()
 
     async def _write(self) -> None:
         owners = self.allocator.ring.state.owners() | {self.allocator.own}
@@ -385,3 +399,24 @@ class IpamService:
         self._poke()
         await self._until_durable()
         return name, taken
+
+    async def leave(self, force: bool = False) -> tuple[Departure, bool]:
+        """Leave the ring for good (``weaved reset``): hand every range to a live peer, on disk before it is
+        sent; then wait up to :data:`LEAVE_CONFIRM_TIMEOUT` for the heir to confirm. Returns the departure and
+        whether it was confirmed in time. Refused (``in-use``) while containers hold addresses, unless
+        ``force``; (``no-heir``) when no peer is reachable to take the ranges."""
+        self._refuse_if_removed()
+        departure = self.allocator.leave(self._clock(), force=force)
+        for lease in departure.dropped:
+            self._log.warning("ipam lease dropped by a forced leave", container=lease.container_id,
+                              ifname=lease.ifname, address=lease.ip())
+        self._log.info("ipam leave", heir=self.label(departure.heir) if departure.heir else None,
+                       addresses=departure.addresses, dropped=len(departure.dropped))
+        self._poke()
+        await self._until_durable()
+        with anyio.move_on_after(LEAVE_CONFIRM_TIMEOUT):
+            while not departure.confirmed:
+                await self._committed.wait()
+        if departure.confirmed and departure.heir is not None:
+            self._log.info("ipam leave confirmed", heir=self.label(departure.heir))
+        return departure, departure.confirmed

@@ -21,6 +21,15 @@ seeded, each peer allocates the lowest free address of its ranges; a peer that r
 with free space (weighted by free count) for a block, and the donor grants the largest free block, at
 most half its free addresses, and sends the new ring back.
 
+**Leaving for good** (:meth:`Allocator.leave`, Weave's ``weave reset``): the peer hands every range it
+owns to one live peer it reaches (the heir), as one owner edit, and sends it its ring. The heir answers
+any ring that gave it addresses with its own ring, and that answer is the leaving peer's confirmation
+(:attr:`Departure.confirmed`); until it comes, the ring goes to the heir again every
+:data:`SPACE_REQUEST_TIMEOUT`. Leaving is refused while containers still hold addresses (a range hands
+over no leases: the heir would give those addresses out again) unless forced. Afterwards allocation,
+claims and rmpeer are refused with ``left``. The peer's name is not tombstoned: restarted, it owns nothing
+and asks for space like a new peer. A plain stop or restart hands nothing over.
+
 Messages (msgpack ``[kind, body]``; kinds are append-only): ``RING`` (the whole ring state, to one
 peer or to all), ``PAXOS`` (seeding votes), ``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring).
 """
@@ -56,7 +65,10 @@ SNAPSHOT_VERSION = 1
 RING_GOSSIP_INTERVAL = 30.0
 """Anti-entropy: our ring goes to every peer this often even when nothing changed."""
 SPACE_REQUEST_TIMEOUT = 2.0
-"""How long to wait for a donor's answer before asking another."""
+"""How long to wait for a donor's answer before asking another; also how long a donor that said no (or
+did not answer) is left alone before we ask it again. Without that pause a peer that ran out would ask
+the peers that have nothing to give in turn, as fast as the network carries the answers: the stateful
+test (tests/sim/test_ipam_stateful.py) found that message storm."""
 MAX_CONTAINER_ID = 256
 MAX_IFNAME = 16
 
@@ -72,7 +84,7 @@ class MsgKind(IntEnum):
 
 class AllocError(Exception):
     """A refused request; ``code`` is stable (``bad-request``, ``not-ready``, ``owned-elsewhere``,
-    ``in-use``, ``reserved``, ``ring``) and ``str()`` says what to do."""
+    ``in-use``, ``reserved``, ``ring``, ``left``, ``no-heir``, ``removed``) and ``str()`` says what to do."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -104,6 +116,21 @@ class AllocationFailed:
 
 
 Completion = Allocated | AllocationFailed
+
+
+@dataclass
+class Departure:
+    """What :meth:`Allocator.leave` did: ``addresses`` handed to ``heir`` (``None`` when we owned nothing),
+    the leases ``dropped`` by a forced leave, and whether a ring from someone else has shown the hand-over
+    (``confirmed``: our ranges are in live hands, not only in a message)."""
+
+    heir: PeerName | None
+    addresses: int
+    dropped: tuple[Lease, ...]
+    handed: dict[int, int]
+    """token start → the version we wrote when handing it over: what a confirming ring must show."""
+    confirmed: bool
+    retry_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +187,15 @@ class Allocator:
         self._done: list[Completion] = []
         self._reachable: set[PeerName] = set()
         self._asked: tuple[PeerName, float] | None = None
+        self._denied: dict[PeerName, float] = {}
+        """Donors that said no or did not answer, and until when we do not ask them again."""
+        self.departure: Departure | None = None
+        """Set once we left the ring for good (:meth:`leave`); kept in memory only (see the module doc)."""
+        self.leavers: set[PeerName] = set()
+        """Peers seen to leave: a ring from a peer that owned space in our view, or that handed us space,
+        showing it owns nothing now. A donor keeps its last address and a removed peer is tombstoned, so
+        nothing else looks like that. Never picked as heir: two peers that left would otherwise pass ranges
+        back and forth for ever (the stateful test found that). Grows only; kept in memory only."""
         self._next_gossip: float | None = None
         self.dirty = False
         self.rejected: Counter[str] = Counter()
@@ -172,6 +208,7 @@ class Allocator:
         """Ask for an address for (container, interface); the answer comes through :meth:`completions`
         (at once when possible). Asking again for the same pair returns the same lease."""
         _check_ids(container_id, ifname)
+        self._refuse_if_left()
         request = self._next_request
         self._next_request += 1
         existing = self._leases.get((container_id, ifname))
@@ -185,6 +222,7 @@ class Allocator:
     def claim(self, container_id: str, ifname: str, address: str, now: float) -> Lease:
         """Lease a given address (a container that already has it, e.g. after a restart)."""
         _check_ids(container_id, ifname)
+        self._refuse_if_left()
         try:
             value = int(ipaddress.IPv4Address(address))
         except ValueError:
@@ -226,6 +264,7 @@ class Allocator:
     def rmpeer(self, name: PeerName, now: float) -> int:
         """Remove a dead peer; returns how many addresses we inherited (often 0: the heir takes over
         when the tombstone reaches it). Safe to run on several peers at once (see docs/ipam.md)."""
+        self._refuse_if_left()
         try:
             before = self.space.free_count()
             self.ring.rmpeer(name)
@@ -234,10 +273,102 @@ class Allocator:
         self._ring_changed(now, broadcast=True)
         return max(0, self.space.free_count() - before)
 
+    def leave(self, now: float, *, force: bool = False) -> Departure:
+        """Leave the ring for good: hand every range we own to one live peer we reach, and tell it.
+
+        Refused with ``in-use`` while containers hold addresses here (their addresses would be handed out
+        again by the heir) unless ``force``, which forgets those leases; with ``no-heir`` when we own
+        addresses and reach no peer that could take them (stopping instead strands them until rmpeer).
+        Waiting requests fail with ``left``. Asking again returns the same departure (and re-sends).
+
+        Addresses that reach us *after* we left (the ring agreed by a consensus we voted in, a grant we
+        asked for before) are handed on the same way as soon as we see them (:meth:`_hand_on`).
+        """
+        if self.departure is not None:
+            if not self.departure.confirmed and self.departure.heir is not None:
+                self._send_ring(self.departure.heir)
+            return self.departure
+        if self.ring.removed:
+            raise AllocError("removed", "this peer was removed by rmpeer: it owns nothing to hand over")
+        leases = self.leases()
+        if leases and not force:
+            shown = ", ".join(f"{lease.ip()} ({lease.container_id})" for lease in leases[:3])
+            more = f" and {len(leases) - 3} more" if len(leases) > 3 else ""
+            raise AllocError("in-use", f"{len(leases)} addresses are still leased here: {shown}{more}; stop those "
+                             "containers (or release their addresses) first, or force the leave")
+        owned = self.ring.state.owned_count(self.own) if self.ring.seeded else 0
+        if owned and self._pick_heir() is None:
+            raise AllocError("no-heir", f"no other peer is reachable to take over this peer's {owned} addresses "
+                             "(peers that left do not count); connect one first (or stop this peer and rmpeer "
+                             "it from another)")
+        for lease in leases:
+            self.space.release(lease.address)
+        self._leases.clear()
+        for pending in self._pending:
+            self._done.append(AllocationFailed(pending.request, "left", "this peer left the IPAM ring"))
+        self._pending.clear()
+        self._asked = None
+        self.dirty = True
+        self.departure = Departure(None, 0, tuple(leases), {}, confirmed=True)
+        self._hand_on(now)
+        return self.departure
+
+    def _owned_now(self) -> int:
+        return self.ring.state.owned_count(self.own) if self.ring.seeded and not self.ring.removed else 0
+
+    def _hand_on(self, now: float) -> None:
+        """After :meth:`leave`: give whatever we own to the heir (the same one while it is reachable),
+        broadcast, and expect its confirmation; with nobody reachable, try again later."""
+        departure = self.departure
+        assert departure is not None
+        owned = self._owned_now()
+        if not owned:
+            return
+        heir = self._pick_heir()
+        if heir is None:
+            departure.retry_at = now + SPACE_REQUEST_TIMEOUT
+            return
+        starts = self.ring.leave(heir)  # preconditions hold: seeded, not removed, a valid live recipient
+        departure.heir = heir
+        departure.addresses += owned
+        departure.handed.update(
+            {start: t.version for start in starts if (t := self.ring.state.token_at(start)) is not None})
+        departure.confirmed = False
+        departure.retry_at = now + SPACE_REQUEST_TIMEOUT
+        self._ring_changed(now, broadcast=True)
+        self._send_ring(heir)
+
+    def _pick_heir(self) -> PeerName | None:
+        """The reachable peer to hand our ranges to: never a removed peer or one seen to leave
+        (:attr:`leavers`); an owner of space first (it is staying), then anyone; the lowest name among
+        equals. ``None`` when nobody qualifies: the ranges wait here and the hand-over is retried.
+
+        Why passing among leavers ends: every hand-over from a leaver reaches its taker with the giver
+        owning nothing, so the taker learns it left and never hands it anything back; the leavers each
+        peer knows only grow, and there are finitely many peers."""
+        skip = {self.own, *self.ring.state.removed, *self.leavers}
+        reachable = sorted(p for p in self._reachable if p not in skip)
+        owners = self.ring.state.owners()
+        return next((p for p in reachable if p in owners), reachable[0] if reachable else None)
+
+    def _refuse_if_left(self) -> None:
+        if self.departure is not None:
+            raise AllocError("left", f"this peer left the IPAM ring ({self._departure_text()}); restart it to "
+                             "rejoin as an empty peer, or remove its state to start afresh")
+
+    def _departure_text(self) -> str:
+        d = self.departure
+        assert d is not None
+        if d.heir is None:
+            return "left: owned no addresses"
+        state = "confirmed" if d.confirmed else "waiting for confirmation"
+        return f"left: handed {d.addresses} addresses to {d.heir} ({state})"
+
     # --- mesh input -------------------------------------------------------------------------------
 
     def set_reachable(self, peers: set[PeerName], now: float) -> None:
         """The peers the mesh reaches now: new ones get our ring (and votes) at once."""
+        self._schedule_gossip(now)
         joined = peers - self._reachable
         self._reachable = set(peers)
         for peer in sorted(joined):
@@ -246,13 +377,15 @@ class Allocator:
 
     def receive(self, src: PeerName, payload: bytes, now: float) -> None:
         """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
+        self._schedule_gossip(now)
         try:
             kind, body = self._decode(payload)
             if kind is MsgKind.RING or kind is MsgKind.SPACE_DENIED:
-                self._merge_ring(decode_ring(body), now)
+                self._merge_ring(decode_ring(body), now, src if kind is MsgKind.RING else None)
                 if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
                     self._asked = None
-                    self._serve(now, exclude={src})
+                    self._denied[src] = now + SPACE_REQUEST_TIMEOUT
+                    self._serve(now)
             elif kind is MsgKind.PAXOS:
                 self._receive_paxos(decode_paxos(body), now)
             elif kind is MsgKind.SPACE_REQUEST:
@@ -261,6 +394,7 @@ class Allocator:
             self.rejected[getattr(err, "reason", getattr(err, "code", "error"))] += 1
 
     def handle_timer(self, now: float) -> None:
+        self._schedule_gossip(now)
         votes = self.seeder.gossip()
         self.seeder.tick(now)
         if self.seeder.gossip() != votes:
@@ -268,9 +402,19 @@ class Allocator:
             self._send_paxos(None)
         self._after_seeding(now)
         if self._asked is not None and now >= self._asked[1]:
-            asked = self._asked[0]
+            self._denied[self._asked[0]] = now + SPACE_REQUEST_TIMEOUT
             self._asked = None
-            self._serve(now, exclude={asked})
+            self._serve(now)
+        elif self._pending and self._asked is None and self.ring.seeded:
+            self._serve(now)  # a donor we left alone may be asked again
+        departure = self.departure
+        if departure is not None and departure.retry_at is not None and now >= departure.retry_at:
+            departure.retry_at = None
+            if self._owned_now():
+                self._hand_on(now)
+            elif not departure.confirmed and departure.heir is not None:
+                self._send_ring(departure.heir)
+                departure.retry_at = now + SPACE_REQUEST_TIMEOUT
         if self._next_gossip is not None and now >= self._next_gossip:
             self._report_free()
             self._send_ring(None)
@@ -282,6 +426,10 @@ class Allocator:
         for value in (self.seeder.next_deadline(), self._next_gossip, self._asked[1] if self._asked else None):
             if value is not None:
                 deadlines.append(value)
+        if self._pending and self._asked is None and self._denied:
+            deadlines.append(min(self._denied.values()))
+        if self.departure is not None and self.departure.retry_at is not None:
+            deadlines.append(self.departure.retry_at)
         return min(deadlines, default=None)
 
     # --- output -----------------------------------------------------------------------------------
@@ -329,6 +477,8 @@ class Allocator:
         return f"{ipaddress.IPv4Address(self.range.start)}/{prefix}"
 
     def _state_text(self) -> str:
+        if self.departure is not None:
+            return self._departure_text()
         if not self.ring.seeded:
             return self.seeder.status
         if self._pending:
@@ -368,12 +518,29 @@ class Allocator:
         if paxos is not None and self.seeder.state is not SeedState.READY:
             self._send(dst, MsgKind.PAXOS, encode_paxos(paxos))
 
-    def _merge_ring(self, remote: RingState, now: float) -> None:
+    def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
+        owned_before = self.ring.state.owned_count(self.own)
+        src_before = self.ring.state.owned_count(src) if src is not None else 0
         result = self.ring.merge(remote)
+        gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
+        if (src is not None and (src_before or gained) and remote.seeded and src not in remote.removed
+                and not remote.owned_count(src)):
+            self.leavers.add(src)  # before we pass anything on: never back to a peer that left
         if remote.seeded and self.seeder.state is not SeedState.READY:
             self.seeder.adopt(self.ring.state)
         if result.changed:
             self._ring_changed(now, broadcast=bool(result.inherited))
+        if gained:
+            # The ring gave us addresses (a grant or a leave): answer with ours, so the giver learns that
+            # its ranges are in live hands (a leaving peer waits for exactly this).
+            assert src is not None
+            self._send_ring(src)
+        departure = self.departure
+        if departure is not None and not departure.confirmed:
+            departure.confirmed = all(
+                (token := remote.token_at(start)) is not None and token.version >= version
+                for start, version in departure.handed.items()
+            )
 
     def _receive_paxos(self, paxos: PaxosState, now: float) -> None:
         if self.seeder.receive(paxos, now):
@@ -392,14 +559,24 @@ class Allocator:
         stranded = self.space.set_ranges(self.ring.owned_ranges())
         # Our own hand-overs only give free space away, so a lease outside our ranges means a remote
         # override (an rmpeer of us while we were away): keep the lease and surface it in the counts.
-        self.rejected["lease-outside-ranges"] += len(stranded)
+        if stranded:  # (a bare += 0 would put a zero count into the status)
+            self.rejected["lease-outside-ranges"] += len(stranded)
         self.dirty = True
-        if self._next_gossip is None and self.ring.seeded:
-            self._next_gossip = now + RING_GOSSIP_INTERVAL * (0.5 + self._rng.random())
+        self._schedule_gossip(now)
+        if self.departure is not None and self._owned_now():
+            self._hand_on(now)  # we left: whatever reached us since goes on to the heir
+            return
         if broadcast:
             self._report_free()
             self._send_ring(None)
         self._serve(now)
+
+    def _schedule_gossip(self, now: float) -> None:
+        """Start anti-entropy once we hold a seeded ring. Called on every input, not only when the ring
+        changes: a peer restarted from its snapshot has a ring that may never change again, and it must
+        still gossip it (the stateful test found restarted peers silent for good)."""
+        if self._next_gossip is None and self.ring.seeded:
+            self._next_gossip = now + RING_GOSSIP_INTERVAL * (0.5 + self._rng.random())
 
     def _report_free(self) -> None:
         if not self.ring.seeded or self.ring.removed:
@@ -411,7 +588,7 @@ class Allocator:
         if self.ring.report_free(free):
             self.dirty = True
 
-    def _serve(self, now: float, exclude: set[PeerName] | None = None) -> None:
+    def _serve(self, now: float) -> None:
         """Hand out addresses to waiting requests; ask for space when ours ran out."""
         if not self._pending:
             return
@@ -432,7 +609,8 @@ class Allocator:
             self.dirty = True
             self._done.append(Allocated(pending.request, lease))
         if self._pending and self._asked is None:
-            donor = self.ring.pick_donor(self._rng, exclude=self._unreachable() | (exclude or set()))
+            self._denied = {peer: until for peer, until in self._denied.items() if until > now}
+            donor = self.ring.pick_donor(self._rng, exclude=self._unreachable() | set(self._denied))
             if donor is not None:
                 self._asked = (donor, now + SPACE_REQUEST_TIMEOUT)
                 self._send(donor, MsgKind.SPACE_REQUEST, None)
@@ -440,8 +618,14 @@ class Allocator:
     def _donate(self, to: PeerName, now: float) -> None:
         if not self.ring.seeded or self.ring.removed:
             return
+        if to in self.ring.state.removed:
+            # A request from a peer we removed: late in the network, or that peer is running again under
+            # its removed name. Never grant to it (the ring would refuse anyway); count it for the status.
+            self.rejected["request-from-removed-peer"] += 1
+            return
         block = self.space.donation()
         if block is None or self._pending:
+            self._report_free()  # our true free count travels with the no, so we are not asked at once again
             self._send(to, MsgKind.SPACE_DENIED, encode_ring(self.ring.state))
             return
         self.ring.grant(block[0], block[1], to)
