@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from weaved.core import superframe
 from weaved.lab.plan import node_netns
 
 LAB_CMD = [sys.executable, "-m", "weaved", "lab"]
@@ -71,8 +72,9 @@ def two_nodes(name: str) -> Iterator[dict[str, str]]:
             sh("ip", "netns", "add", netns)
             pods.append(netns)
             node_ns = node_netns(name, node)
-            sh("ip", "-n", node_ns, "link", "add", f"v{pod}", "mtu", mtu, "type", "veth", "peer", "name", "eth0",
-               "netns", netns)
+            gso = str(superframe.tun_gso_max_size(int(mtu)))  # as the CNI plugin makes pod interfaces
+            sh("ip", "-n", node_ns, "link", "add", f"v{pod}", "mtu", mtu, "gso_max_size", gso, "type", "veth",
+               "peer", "name", "eth0", "netns", netns, "gso_max_size", gso)
             sh("ip", "-n", node_ns, "link", "set", f"v{pod}", "master", "weave", "up")
             sh("ip", "-n", netns, "link", "set", "lo", "up")
             sh("ip", "-n", netns, "link", "set", "eth0", "mtu", mtu, "up")

@@ -102,6 +102,9 @@ class Settings:
     """UDP port of the sleeve data socket (``WEAVE_SLEEVE_PORT``, default control port + 2)."""
     mtu: int | None = None
     """``WEAVE_MTU``: the pod MTU, overriding the one computed from the underlay."""
+    offload: bool = True
+    """The fast sleeve: virtio headers, TSO super-packets, UDP GSO/GRO (``--no-offload``/``WEAVE_NO_OFFLOAD=1``
+    turn it off: one packet per datagram, for kernels without them; peers negotiate, so both kinds mix)."""
     no_masq_local: bool = True
     """``NO_MASQ_LOCAL`` (Weave's default since 2.7): traffic from outside the pod range to this node's own
     pods keeps its source address (what ``externalTrafficPolicy: Local`` needs); off, it is masqueraded."""
@@ -304,6 +307,7 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         if not MTU_MIN <= mtu <= MTU_MAX:
             raise ConfigError(f"--mtu/WEAVE_MTU: {mtu} out of range {MTU_MIN}-{MTU_MAX}")
     no_datapath = _bool_setting(True if flags.get("no_datapath") else None, env, "WEAVE_NO_DATAPATH", False)
+    no_offload = _bool_setting(True if flags.get("no_offload") else None, env, "WEAVE_NO_OFFLOAD", False)
     return Settings(
         peers=unique_peers,
         port=port,
@@ -324,6 +328,7 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         datapath=not no_datapath,
         sleeve_port=sleeve_port,
         mtu=mtu,
+        offload=not no_offload,
         no_masq_local=_bool_setting(None, env, "NO_MASQ_LOCAL", True),
     )
 
@@ -376,4 +381,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sleeve-port", metavar="PORT",
                         help="UDP port of the sleeve data path (WEAVE_SLEEVE_PORT, default control port + 2)")
     parser.add_argument("--mtu", metavar="BYTES",
-                        help="pod MTU (WEAVE_MTU, default: the underlay's MTU minus the sleeve's 36 bytes)")
+                        help="pod MTU (WEAVE_MTU, default: the underlay's MTU minus the sleeve's 54 bytes, "
+                             "36 with --no-offload)")
+    parser.add_argument("--no-offload", action="store_true", default=None,
+                        help="sleeve without virtio headers, TSO and UDP GSO/GRO: one packet per datagram "
+                             "(WEAVE_NO_OFFLOAD=1)")

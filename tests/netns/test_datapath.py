@@ -130,7 +130,7 @@ def world() -> Iterator[World]:
 def test_node_network_is_in_place(world: World) -> None:
     dp = world.datapath("n1")
     assert dp["state"] == "ready"
-    assert dp["mtu"] == dp["underlay_mtu"] - 36 == 1464
+    assert dp["mtu"] == dp["underlay_mtu"] - 54 == 1446
     ns = world.node_ns("n1")
     assert dp["gateway"] in sh("ip", "-n", ns, "-o", "-4", "addr", "show", "dev", "weave").stdout
     routes = sh("ip", "-n", ns, "route", "show", "dev", "weave-tun").stdout

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from weaved.core import sleeve
+from weaved.core import sleeve, superframe
 from weaved.core.sleeve import FrameError, decode_header, encode
 
 
@@ -85,6 +85,6 @@ def test_encode_refuses_fields_out_of_range() -> None:
 
 def test_destination_and_pod_mtu() -> None:
     assert sleeve.ipv4_destination(ipv4(dst=b"\x0a\x2c\x00\x07"), 0) == 0x0A2C0007
-    assert sleeve.pod_mtu(1500) == 1464
-    assert sleeve.pod_mtu(9000) == 8964
-    assert sleeve.pod_mtu(600) == sleeve.MIN_MTU
+    assert superframe.pod_mtu(1500) == 1446
+    assert superframe.pod_mtu(9000) == 8946
+    assert superframe.pod_mtu(600) == sleeve.MIN_MTU

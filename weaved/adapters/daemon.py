@@ -48,7 +48,7 @@ from anyio.abc import TaskStatus
 
 import weaved
 from weaved.adapters.api import api_app
-from weaved.adapters.datapath import Datapath, DatapathError
+from weaved.adapters.datapath import Datapath, DatapathError, advertised_chunk
 from weaved.adapters.identity import IdentityError, load_identity
 from weaved.adapters.ipam import IpamService, open_allocator
 from weaved.adapters.logs import configure_logging, describe_event, describe_summary, emit
@@ -59,6 +59,7 @@ from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSend
 from weaved.adapters.webserver import ListenError, serve_app
 from weaved.cni.service import CniSocketError, start_cni
 from weaved.config import HostPort, Settings, describe_init
+from weaved.core import superframe
 from weaved.core.forwarding import sleeve_overlay
 from weaved.core.ipam.allocator import Allocator
 from weaved.core.mesh import MeshConfig, MeshPeer
@@ -278,7 +279,10 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
         raise StartupError(f"cannot bind UDP {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     with sock:
         # Without the data path we carry no packets, so we advertise no overlay: peers route around us.
-        overlays = (sleeve_overlay(settings.sleeve_port),) if settings.datapath else ()
+        overlays: tuple[str, ...] = (sleeve_overlay(settings.sleeve_port),) if settings.datapath else ()
+        if settings.datapath and settings.offload:
+            # We take version-2 frames (virtio headers, super-packets) in chunks as big as our underlay carries.
+            overlays += (superframe.overlay(advertised_chunk()),)
         peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit, overlays=overlays),
                         random.Random(), now=clock(), initial_version=int(time.time() * 1000))
         node = Node(peer, sock, allocator, store, nicknames=nicknames, clock=clock)

@@ -17,7 +17,7 @@ Theory of operation
 
 On exit only the daemon's own descriptors are closed: the bridge, the (persistent) TUN, routes, sysctls and
 the nft table stay, so pods keep their addresses and routes while the daemon restarts. The pod MTU is the
-underlay's minus :data:`weaved.core.sleeve.OVERHEAD` unless ``WEAVE_MTU`` sets it.
+underlay's minus :data:`weaved.core.superframe.OVERHEAD` unless ``WEAVE_MTU`` sets it.
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ from typing import Any
 import anyio
 import structlog
 from anyio.abc import TaskStatus
+from pyroute2 import IPRoute
 
 from weaved.adapters.datapath_report import DatapathReport
 from weaved.adapters.ipam import IpamService
-from weaved.adapters.nodenet import BRIDGE, TUN, Desired, NodeNetError, NodeNetwork
+from weaved.adapters.nodenet import BRIDGE, TUN, Desired, NodeNetError, NodeNetwork, underlay_mtu
 from weaved.adapters.sleeve import PacketLoop, ThreadedLoop, open_sleeve_socket
+from weaved.adapters.sleeve_offload import OffloadLoop
 from weaved.adapters.tun import TunError, open_tun
 from weaved.config import Settings
-from weaved.core import forwarding, sleeve
+from weaved.core import forwarding, sleeve, superframe
 from weaved.core.ipam.allocator import AllocError
 from weaved.core.mesh import MeshPeer
 from weaved.core.types import Endpoint, PeerName
@@ -50,6 +52,20 @@ GATEWAY_RETRY = 2.0
 """Seconds between attempts to get the gateway address while IPAM is not ready."""
 
 
+def own_chunk_size(underlay_mtu: int | None) -> int:
+    """The biggest chunk (UDP payload) our underlay carries in one packet: what we advertise and send."""
+    return (underlay_mtu or 1500) - sleeve.IPV4_HEADER - sleeve.UDP_HEADER
+
+
+def advertised_chunk() -> int:
+    """:func:`own_chunk_size` of this namespace's underlay, read before the daemon starts (for its HELLO)."""
+    try:
+        with IPRoute() as ipr:
+            return own_chunk_size(underlay_mtu(ipr))
+    except Exception:  # netlink unavailable: the data path start will say so in one line
+        return own_chunk_size(None)
+
+
 class DatapathError(Exception):
     """The data path cannot start (TUN, socket); ``str()`` is one line."""
 
@@ -59,7 +75,7 @@ class Datapath:
 
     def __init__(self, settings: Settings, peer: MeshPeer, ipam: IpamService, *,
                  network: NodeNetwork | None = None,
-                 loop_factory: Callable[[int, socket.socket], PacketLoop] = ThreadedLoop) -> None:
+                 loop_factory: Callable[[int, socket.socket], PacketLoop] | None = None) -> None:
         self._settings = settings
         self._peer = peer
         self._ipam = ipam
@@ -110,13 +126,15 @@ class Datapath:
         if key == self._key and ring_state is self._ring_state:
             return
         sleeve_addresses: dict[PeerName, Endpoint] = {}
+        chunk_limits: dict[PeerName, int] = {}
         for name, (control, overlays) in neighbours.items():
             address = forwarding.sleeve_address(control, overlays)
             if address is not None:
                 sleeve_addresses[name] = address
+                chunk_limits[name] = superframe.chunk_limit(overlays)
         short_ids = {name: int(entry.short_id) for name, entry in topology.entries.items()}
         loop.table = forwarding.build(self._peer.identity.name, short_ids, ring_state.segments(),
-                                      topology.next_hops(), sleeve_addresses)
+                                      topology.next_hops(), sleeve_addresses, chunk_limits)
         if ring_state is not self._ring_state:
             self._changed.set()
         self._key, self._ring_state = key, ring_state
@@ -125,8 +143,10 @@ class Datapath:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Open the devices, start the packet loop, then keep the node network in place until cancelled."""
+        offload = self._settings.offload
         try:
-            tun_fd = open_tun(TUN)
+            self._underlay_mtu = await anyio.to_thread.run_sync(self._network.underlay_mtu)
+            tun_fd = open_tun(TUN, offload=offload)
         except TunError as exc:
             raise DatapathError(f"{exc}; --no-datapath runs the control plane alone") from None
         try:
@@ -135,12 +155,20 @@ class Datapath:
             os.close(tun_fd)
             raise DatapathError(f"cannot bind sleeve UDP {self._settings.host}:{self._settings.sleeve_port}: "
                                 f"{exc.strerror or exc}") from None
-        loop = self._loop = self._loop_factory(tun_fd, sock)
+        own_chunk = own_chunk_size(self._underlay_mtu)
+        if self._loop_factory is not None:
+            loop = self._loop = self._loop_factory(tun_fd, sock)
+        elif offload:
+            loop = self._loop = OffloadLoop(tun_fd, sock, own_chunk=own_chunk)
+        else:
+            loop = self._loop = ThreadedLoop(tun_fd, sock)
         try:
             loop.start()
             self.refresh()
             task_status.started()
-            self._log.info("sleeve started", tun=TUN, port=self._settings.sleeve_port)
+            self._log.info("sleeve started", tun=TUN, port=self._settings.sleeve_port,
+                           mode=f"offload (vnet, TSO, UDP GSO/GRO, chunks of {own_chunk} B)" if offload
+                           else "plain (one packet per datagram)")
             self._gateway = await self._await_gateway()
             while True:
                 await self._keep()
@@ -177,7 +205,8 @@ class Datapath:
                                                             ipaddress.IPv4Address(end - 1))]
         return Desired(range=gateway.network, gateway=gateway, mtu=mtu,
                        remote=tuple(forwarding.remote_networks(segments, own)), local=tuple(local),
-                       no_masq_local=self._settings.no_masq_local)
+                       no_masq_local=self._settings.no_masq_local,
+                       tun_gso_max_size=superframe.tun_gso_max_size(mtu) if self._settings.offload else None)
 
     def _reattach_if_gone(self) -> list[str]:
         """Someone deleted ``weave-tun``: create it again and hand the packet loop the new descriptor."""
@@ -191,8 +220,9 @@ class Datapath:
         assert self._gateway is not None
         try:
             if self._mtu is None:
-                self._underlay_mtu = await anyio.to_thread.run_sync(self._network.underlay_mtu)
-                self._mtu = self._settings.mtu or sleeve.pod_mtu(self._underlay_mtu)
+                if self._underlay_mtu is None:
+                    self._underlay_mtu = await anyio.to_thread.run_sync(self._network.underlay_mtu)
+                self._mtu = self._settings.mtu or superframe.pod_mtu(self._underlay_mtu)
                 self._log.info("pod mtu", mtu=self._mtu, underlay_mtu=self._underlay_mtu,
                                source="WEAVE_MTU" if self._settings.mtu else "underlay - sleeve overhead")
             desired = self._desired(self._gateway, self._mtu)

@@ -71,6 +71,8 @@ class Desired:
     local: tuple[ipaddress.IPv4Network, ...]
     """Our own ring ranges (the no-masq-local set)."""
     no_masq_local: bool
+    tun_gso_max_size: int | None = None
+    """Largest super-packet the TUN hands over (offload mode): one that fits a single UDP GSO send."""
 
 
 def masquerade_ruleset(desired: Desired) -> str:
@@ -243,6 +245,10 @@ class NodeNetwork:
         if link.get("IFLA_MTU") != desired.mtu:
             ipr.link("set", index=index, mtu=desired.mtu)
             changes.append(f"{TUN} mtu {link.get('IFLA_MTU')} -> {desired.mtu}")
+        gso = desired.tun_gso_max_size
+        if gso is not None and link.get("IFLA_GSO_MAX_SIZE") != gso:
+            ipr.link("set", index=index, gso_max_size=gso)
+            changes.append(f"{TUN} gso_max_size {link.get('IFLA_GSO_MAX_SIZE')} -> {gso}")
         if not link["flags"] & 1:
             ipr.link("set", index=index, state="up")
             changes.append(f"{TUN} up")

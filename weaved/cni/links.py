@@ -32,6 +32,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from weaved.cni.nsenter import in_netns, netns_socket
+from weaved.core import superframe
 from weaved.cni.spec import ALIAS_PREFIX, parse_alias
 
 IFF_UP = 1
@@ -87,8 +88,11 @@ def attach(netns_fd: int, host_ifname: str, alias: str, ifname: str, bridge: str
         if stale is not None:
             host.link("del", index=stale)
         try:
-            host.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                      peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": mtu})
+            # The pod's TCP sizes its super-packets by its own interface: keep them to what the TUN passes
+            # whole (larger ones would be cut up by the kernel in front of the sleeve).
+            gso = superframe.tun_gso_max_size(mtu)
+            host.link("add", ifname=host_ifname, kind="veth", mtu=mtu, gso_max_size=gso,
+                      peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": mtu, "gso_max_size": gso})
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 raise LinkError(f"create veth: {ifname} already exists in the pod's network namespace "

@@ -54,6 +54,9 @@ class ForwardingTable:
     """Sleeve addresses of established neighbours: the only UDP sources we accept frames from."""
     peers: int = 0
     """Remote peers with a route (for status)."""
+    chunk_limits: Mapping[Address, int] = field(default_factory=dict)
+    """Neighbours' sleeve addresses → the version-2 chunk size they take (``sleeve-gso:SIZE``); a neighbour
+    missing here speaks version 1 only (one whole packet per datagram)."""
 
     def lookup(self, address: int) -> Route | str:
         """Where to send a packet for ``address`` from our TUN, or why it is dropped."""
@@ -68,12 +71,14 @@ EMPTY = ForwardingTable(own_short_id=0)
 
 
 def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[tuple[int, int, PeerName]],
-          next_hops: Mapping[PeerName, PeerName], sleeve_addresses: Mapping[PeerName, Endpoint]) -> ForwardingTable:
+          next_hops: Mapping[PeerName, PeerName], sleeve_addresses: Mapping[PeerName, Endpoint],
+          chunk_limits: Mapping[PeerName, int] | None = None) -> ForwardingTable:
     """The table for one view of the world.
 
     ``short_ids``: every peer in the topology (ours included) → its short id. ``segments``: the ring's
     ordered ``(start, end, owner)`` pieces. ``next_hops``: the mesh's unicast next hop per reachable peer.
     ``sleeve_addresses``: established neighbours → the UDP address of their sleeve socket.
+    ``chunk_limits``: neighbours that take version-2 frames → their chunk size.
     """
     counts = Counter(short_ids.values())
     unique = {name: sid for name, sid in short_ids.items() if counts[sid] == 1}
@@ -113,6 +118,8 @@ def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[t
         known=frozenset(unique.values()),
         senders=frozenset((e.host, e.port) for e in sleeve_addresses.values()),
         peers=len(relay),
+        chunk_limits={(e.host, e.port): limit for name, e in sleeve_addresses.items()
+                      if (limit := (chunk_limits or {}).get(name, 0)) > 0},
     )
 
 

@@ -66,6 +66,9 @@ DROP_REASONS: Final = (
     "too-big",             # the kernel refused to send the datagram (EMSGSIZE)
     "send-error",          # any other send failure
     "tun-write-error",     # the TUN refused the packet
+    "bad-chunk",           # version 2: index not below count, or a non-TCP packet in several chunks
+    "bad-vnet",            # version 2: a virtio header the TUN would refuse (or we never offer)
+    "truncated",           # a datagram (or GRO batch) bigger than the receive buffer
 )
 
 
@@ -121,8 +124,3 @@ def check_ipv4(buf: bytes | bytearray | memoryview, offset: int, length: int) ->
 def ipv4_destination(buf: bytes | bytearray | memoryview, offset: int) -> int:
     """The destination address of the IPv4 packet at ``offset``, as an integer."""
     return int.from_bytes(buf[offset + 16:offset + 20], "big")
-
-
-def pod_mtu(underlay_mtu: int) -> int:
-    """The MTU pods and the TUN get so that a full-size packet plus :data:`OVERHEAD` fits the underlay."""
-    return max(MIN_MTU, underlay_mtu - OVERHEAD)

@@ -1,0 +1,532 @@
+"""The fast sleeve loop: a virtio-header TUN, super-packets cut into chunks, UDP GSO out and UDP GRO in.
+
+Theory of operation
+-------------------
+The frame format and why it is cut along inner segments are in :mod:`weaved.core.superframe`; this module
+is the I/O around it, one thread that serves both directions:
+
+* **TUN → UDP.** ``os.readv`` scatters the packet straight into the chunk slots of a preallocated buffer
+  (:class:`Layout`): the virtio header and inner headers plus the first MSS of payload into slot 0, each
+  further MSS into the payload part of the next slot. What is left is to copy the 42-byte prefix (chunk
+  header, virtio header, inner headers) in front of every further slot, stamp each slot's id word and send
+  the whole buffer with one ``sendmsg`` carrying ``UDP_SEGMENT`` = chunk size: the kernel cuts the
+  datagrams. The layout is predicted from the previous super-packet (headers and MSS rarely change);
+  a packet that does not match is laid out again by copying, and the prediction follows it.
+* **UDP → TUN.** ``recvmsg_into`` with ``UDP_GRO`` returns a batch of same-size datagrams and their size in
+  a control message. A batch that is exactly one frame goes to the TUN with one ``writev`` of chunk 0's
+  headers and every chunk's payload; anything else is taken datagram by datagram and written as runs
+  (:func:`weaved.core.superframe.run_header`). Version-1 frames from peers without offloads are taken too.
+* **Relays** forward version-2 chunks unchanged but for the ttl when the next hop takes them, and cut them
+  into finished version-1 packets when it does not.
+* **Peers without offloads** (no ``sleeve-gso`` in their HELLO) get version-1 frames: the packet's checksum
+  finished and super-packets segmented in userspace (:func:`weaved.core.superframe.segments`), slow but
+  correct.
+
+One thread, not two: after writing a packet into the TUN the answer (a TCP ACK, a ping reply) usually
+comes back out of the TUN microseconds later, so the thread keeps polling both descriptors without
+sleeping for :data:`SPIN_SECONDS` after the last packet, and a request/response costs no extra wake-up.
+Everything a peer can send is dropped and counted by reason, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
+
+from weaved.core import sleeve, superframe
+from weaved.core.forwarding import EMPTY, ForwardingTable
+from weaved.core.sleeve import FrameError
+from weaved.core.superframe import (
+    CHUNK_HEADER,
+    CHUNK_HEADER_SIZE,
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    GSO_TCPV4,
+    PREFIX,
+    VNET,
+    VNET_SIZE,
+    WORD,
+    ZERO_VNET,
+)
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+MAX_TUN_READ = VNET_SIZE + 65_535
+RX_BUFFER = 1 << 17
+"""Receive buffer: a GRO batch is at most 64 KB; twice that leaves no doubt."""
+SPIN_SECONDS = 50e-6
+"""How long the thread keeps polling without sleeping after its last packet (see the module docstring)."""
+DRAIN = 32
+"""Packets taken from one descriptor before looking at the other, so neither direction starves."""
+POLL_TIMEOUT_MS = 500
+INITIAL_HEADERS = 52
+"""IPv4 + TCP with timestamps: what Linux TCP sends, so the first prediction is usually right."""
+
+
+class Layout:
+    """A send buffer whose ``readv`` slots put inner segment ``i``'s payload in chunk ``i`` for super-packets
+    with ``headers`` bytes of IPv4+TCP headers and MSS ``mss``."""
+
+    def __init__(self, headers: int, mss: int) -> None:
+        self.headers, self.mss = headers, mss
+        self.size = PREFIX + headers + mss
+        first = VNET_SIZE + headers + mss
+        slots = 1 + max(0, -(-(MAX_TUN_READ - first) // mss))
+        self.buf = bytearray(slots * self.size)
+        self.view = memoryview(self.buf)
+        self.first = first
+        """Bytes of the read (virtio header included) that land contiguously in slot 0."""
+        self.iov = [self.view[CHUNK_HEADER_SIZE:self.size]]
+        self.iov += [self.view[i * self.size + PREFIX + headers:(i + 1) * self.size] for i in range(1, slots)]
+
+    def gather(self, n: int) -> bytes:
+        """The ``n`` bytes a read put into the slots, made contiguous again."""
+        if n <= self.first:
+            return bytes(self.view[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + n])
+        parts = [bytes(self.iov[0])]
+        left = n - self.first
+        for slot in self.iov[1:]:
+            if left <= 0:
+                break
+            parts.append(bytes(slot[:left]))
+            left -= len(slot)
+        return b"".join(parts)
+
+    def place(self, data: bytes) -> None:
+        """Lay out ``data`` (virtio header + packet) in the slots, as a read would have."""
+        self.buf[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + min(len(data), self.first)] = data[:self.first]
+        at = self.first
+        for slot in self.iov[1:]:
+            if at >= len(data):
+                break
+            piece = data[at:at + len(slot)]
+            slot[:len(piece)] = piece
+            at += len(piece)
+
+
+class OffloadLoop:
+    """See the module docstring. ``own_chunk`` is the biggest chunk our underlay carries (its MTU − 28)."""
+
+    def __init__(self, tun_fd: int, sock: socket.socket, *, own_chunk: int = 1472) -> None:
+        self.table: ForwardingTable = EMPTY
+        self._tun = tun_fd
+        self._sock = sock
+        self._own_chunk = own_chunk
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._retired: list[int] = []
+        self._counts = Counter[str]()
+        self._frame = 0
+        self._layouts: dict[tuple[int, int], Layout] = {}
+        self._layout = self._layout_for(INITIAL_HEADERS, max(1, own_chunk - PREFIX - INITIAL_HEADERS))
+        self._rx = bytearray(RX_BUFFER)
+        self._rxview = memoryview(self._rx)
+        self._segment_options: dict[int, list[tuple[int, int, bytes]]] = {}
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+
+    # --- PacketLoop ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._guard, name="sleeve", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout=2 * POLL_TIMEOUT_MS / 1000)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counts)  # one C-level copy: atomic under the GIL
+
+    def reattach(self, tun_fd: int) -> None:
+        self._retired.append(self._tun)
+        self._tun = tun_fd
+
+    def close(self) -> None:
+        for fd in {self._tun, *self._retired}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._retired.clear()
+
+    # --- the thread ---------------------------------------------------------------------------------
+
+    def _guard(self) -> None:
+        while not self._stopping:
+            try:
+                self._run()
+            except Exception:  # a bug must cost a counter, not the data path
+                if self._stopping:
+                    return
+                self._counts["internal_errors"] += 1
+
+    def _run(self) -> None:
+        poller = select.poll()
+        registered = self._tun
+        poller.register(registered, select.POLLIN)
+        poller.register(self._sock.fileno(), select.POLLIN)
+        readv, recv = os.readv, self._sock.recvmsg_into
+        rxview = self._rxview
+        ancillary = socket.CMSG_SPACE(4)
+        clock = time.perf_counter
+        busy_until = 0.0
+        while not self._stopping:
+            tun = self._tun
+            if tun != registered:
+                poller.unregister(registered)
+                poller.register(tun, select.POLLIN)
+                registered = tun
+            worked = False
+            for _ in range(DRAIN):
+                layout = self._layout
+                try:
+                    n = readv(tun, layout.iov)
+                except BlockingIOError:
+                    break
+                except OSError:  # the device was deleted: wait for the daemon to reattach a new one
+                    self._counts["tun_read_errors"] += 1
+                    time.sleep(POLL_TIMEOUT_MS / 1000)
+                    break
+                worked = True
+                self._outbound(layout, n)
+            for _ in range(DRAIN):
+                try:
+                    n, anc, flags, source = recv([rxview], ancillary, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self._counts["udp_receive_errors"] += 1  # e.g. ICMP port unreachable from a peer's past
+                    break
+                worked = True
+                segment = n
+                for level, kind, data in anc:
+                    if level == SOL_UDP and kind == UDP_GRO:
+                        segment = int.from_bytes(data[:4], sys.byteorder)
+                if flags & socket.MSG_TRUNC:
+                    self._counts["drop_udp_truncated"] += 1
+                    continue
+                self._inbound(n, segment, source)
+            if worked:
+                busy_until = clock() + SPIN_SECONDS
+            elif clock() > busy_until:
+                poller.poll(POLL_TIMEOUT_MS)
+
+    # --- TUN → UDP ----------------------------------------------------------------------------------
+
+    def _layout_for(self, headers: int, mss: int) -> Layout:
+        layout = self._layouts.get((headers, mss))
+        if layout is None:
+            if len(self._layouts) > 16:
+                self._layouts.clear()
+            layout = self._layouts[(headers, mss)] = Layout(headers, mss)
+        return layout
+
+    def _outbound(self, layout: Layout, n: int) -> None:
+        counts = self._counts
+        buf = layout.buf
+        if n < VNET_SIZE + sleeve.IPV4_HEADER or buf[PREFIX] >> 4 != 4:
+            counts["drop_tun_not-ipv4"] += 1
+            return
+        table = self.table
+        route = table.lookup(int.from_bytes(buf[PREFIX + 16:PREFIX + 20], "big"))
+        if isinstance(route, str):
+            counts["drop_tun_" + route] += 1
+            return
+        dst, address = route
+        counts["tx_packets"] += 1
+        counts["tx_bytes"] += n - VNET_SIZE
+        flags, gso_type, _hdr_len, mss, _cs, _co = VNET.unpack_from(buf, CHUNK_HEADER_SIZE)
+        limit = min(table.chunk_limits.get(address, 0), self._own_chunk)
+        frame = self._frame = self._frame + 1
+        if gso_type == GSO_NONE:
+            if n > layout.first:  # spilled over slot 0 (a layout for a smaller MSS): make it contiguous
+                data = layout.gather(n)
+                layout = self._layout_for(INITIAL_HEADERS, max(1, n))
+                layout.place(data)
+            if limit and CHUNK_HEADER_SIZE + n <= limit:
+                CHUNK_HEADER.pack_into(layout.buf, 0, sleeve.MAGIC, superframe.VERSION, sleeve.DEFAULT_TTL,
+                                       table.own_short_id, dst, superframe.word(frame, 0, 1))
+                self._send(layout.view[:CHUNK_HEADER_SIZE + n], address, 0)
+            else:
+                self._send_v1(layout.view[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + VNET_SIZE],
+                              layout.buf, PREFIX, n - VNET_SIZE, dst, address, flags)
+            return
+        if gso_type != GSO_TCPV4 or mss == 0:
+            counts["drop_tun_bad-vnet"] += 1
+            return
+        headers = superframe.header_length(buf, PREFIX)
+        if (headers, mss) != (layout.headers, layout.mss):
+            data = layout.gather(n)
+            layout = self._layout = self._layout_for(headers, mss)
+            layout.place(data)
+            counts["tx_relayouts"] += 1
+            buf = layout.buf
+        size = layout.size
+        payload = n - VNET_SIZE - headers
+        if payload <= 0:
+            counts["drop_tun_bad-vnet"] += 1
+            return
+        chunks = -(-payload // mss)
+        if not limit or size > limit or chunks > superframe.MAX_CHUNKS:
+            data = layout.gather(n)
+            counts["tx_segmented"] += 1
+            for packet in superframe.segments(data[:VNET_SIZE], memoryview(data)[VNET_SIZE:]):
+                self._send_packet_v1(packet, dst, address)
+            return
+        first = superframe.word(frame, 0, chunks)
+        CHUNK_HEADER.pack_into(buf, 0, sleeve.MAGIC, superframe.VERSION, sleeve.DEFAULT_TTL,
+                               table.own_short_id, dst, first)
+        prefix_end = PREFIX + headers
+        prefix = bytes(buf[:prefix_end])
+        stamp = WORD.pack_into
+        at = size
+        for index in range(1, chunks):
+            buf[at:at + prefix_end] = prefix
+            stamp(buf, at + superframe.WORD_OFFSET, first + (index << 8))
+            at += size
+        total = (chunks - 1) * size + prefix_end + payload - (chunks - 1) * mss
+        per_send = superframe.chunks_per_send(size)
+        view = layout.view
+        for start in range(0, chunks, per_send):
+            self._send(view[start * size:min(total, (start + per_send) * size)], address, size)
+        counts["tx_superpackets"] += 1
+        counts["tx_chunks"] += chunks
+
+    def _send(self, data: memoryview, address: tuple[str, int], segment: int) -> None:
+        try:
+            if segment and len(data) > segment:
+                options = self._segment_options.get(segment)
+                if options is None:
+                    options = [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, sys.byteorder))]
+                    self._segment_options[segment] = options
+                self._sock.sendmsg([data], options, 0, address)
+            else:
+                self._sock.sendto(data, address)
+        except OSError as exc:
+            too_big = exc.errno in (errno.EMSGSIZE, errno.EINVAL)
+            self._counts["drop_tun_" + ("too-big" if too_big else "send-error")] += 1
+
+    def _send_v1(self, vnet: memoryview, buf: bytearray, offset: int, length: int, dst: int,
+                 address: tuple[str, int], flags: int) -> None:
+        """A plain packet at ``buf[offset:offset+length]`` to a version-1 peer: checksum finished when the
+        kernel left it to us, the 8-byte header written just in front of it."""
+        if flags & F_NEEDS_CSUM:
+            _f, _g, _h, _m, csum_start, csum_offset = VNET.unpack_from(vnet, 0)
+            packet = bytearray(buf[offset:offset + length])
+            try:
+                superframe.complete_checksum(packet, csum_start, csum_offset)
+            except FrameError as exc:
+                self._counts["drop_tun_" + exc.reason] += 1
+                return
+            buf[offset:offset + length] = packet
+        header_at = offset - sleeve.HEADER_SIZE
+        sleeve.HEADER.pack_into(buf, header_at, sleeve.MAGIC, sleeve.VERSION, sleeve.DEFAULT_TTL,
+                                self.table.own_short_id, dst)
+        self._send(memoryview(buf)[header_at:offset + length], address, 0)
+
+    def _send_packet_v1(self, packet: bytes | bytearray, dst: int, address: tuple[str, int],
+                        ttl: int = sleeve.DEFAULT_TTL, src: int | None = None) -> None:
+        header = sleeve.HEADER.pack(sleeve.MAGIC, sleeve.VERSION, ttl,
+                                    self.table.own_short_id if src is None else src, dst)
+        self._send(memoryview(header + packet), address, 0)
+
+    # --- UDP → TUN ----------------------------------------------------------------------------------
+
+    def _inbound(self, n: int, segment: int, source: tuple[str, int]) -> None:
+        counts = self._counts
+        table = self.table
+        if source not in table.senders:
+            counts["drop_udp_unknown-sender"] += 1
+            return
+        rx, view = self._rx, self._rxview
+        count = -(-n // segment) if segment else 1
+        if (n >= PREFIX + sleeve.IPV4_HEADER and rx[2] == superframe.VERSION
+                and superframe.is_whole_frame(rx, count, segment)):
+            try:
+                ttl, src, dst, _frame, _index, _count = superframe.decode_chunk(rx, 0, min(segment, n))
+                if src not in table.known:
+                    raise FrameError("unknown-source")
+            except FrameError as exc:
+                counts["drop_udp_" + exc.reason] += 1
+                return
+            if dst != table.own_short_id:
+                self._relay_chunks(0, n, segment, ttl, src, dst)
+                return
+            if count == 1:
+                self._deliver([view[CHUNK_HEADER_SIZE:n]], n - PREFIX, 0)
+                return
+            headers = superframe.header_length(rx, PREFIX)
+            iov = [view[CHUNK_HEADER_SIZE:segment]]
+            skip = PREFIX + headers
+            iov += [view[at + skip:min(n, at + segment)] for at in range(segment, n, segment)]
+            self._deliver(iov, n - count * skip + headers, count)
+            return
+        self._inbound_each(n, segment)
+
+    def _deliver(self, iov: Sequence[Buffer], length: int, chunks: int) -> None:
+        """Write one packet or super-packet of ``length`` bytes into the TUN. ``iov[0]`` starts with the
+        virtio header, then the IPv4 header, whose total length must be ``length``."""
+        counts = self._counts
+        head = memoryview(iov[0])
+        if len(head) < VNET_SIZE + 4 or (head[VNET_SIZE + 2] << 8 | head[VNET_SIZE + 3]) != length:
+            counts["drop_udp_bad-length"] += 1
+            return
+        try:
+            os.writev(self._tun, iov)
+        except OSError:
+            counts["drop_udp_tun-write-error"] += 1
+            return
+        counts["rx_packets"] += 1
+        counts["rx_bytes"] += length
+        if chunks > 1:
+            counts["rx_superpackets"] += 1
+            counts["rx_chunks"] += chunks
+
+    def _deliver_v1(self, packet: memoryview) -> None:
+        """A version-1 packet (checked by :func:`weaved.core.sleeve.decode_header`) into our virtio TUN."""
+        try:
+            os.writev(self._tun, [ZERO_VNET, packet])
+        except OSError:
+            self._counts["drop_udp_tun-write-error"] += 1
+            return
+        self._counts["rx_packets"] += 1
+        self._counts["rx_bytes"] += len(packet)
+
+    def _inbound_each(self, n: int, segment: int) -> None:
+        """The general case: every datagram of the batch on its own; consecutive chunks of one frame for us
+        are gathered into runs and written with fixed-up headers."""
+        counts = self._counts
+        table = self.table
+        rx, view = self._rx, self._rxview
+        run: list[tuple[int, int]] = []  # (offset, length) of consecutive chunks of one frame
+        run_key: tuple[int, int, int] | None = None  # (src, frame, next index)
+        run_count = 0
+        for at in range(0, n, segment or n):
+            length = min(segment or n, n - at)
+            try:
+                version = rx[at + 2] if length > 2 else -1
+                if length < sleeve.HEADER_SIZE or (rx[at] << 8 | rx[at + 1]) != sleeve.MAGIC:
+                    raise FrameError("short" if length < sleeve.HEADER_SIZE else "bad-magic")
+                if version == sleeve.VERSION:
+                    ttl, src, dst = sleeve.decode_header(view[at:at + length], length)
+                    if src not in table.known:
+                        raise FrameError("unknown-source")
+                    if dst == table.own_short_id:
+                        self._deliver_v1(view[at + sleeve.HEADER_SIZE:at + length])
+                    else:
+                        self._relay_v1(at, length, ttl, src, dst)
+                    continue
+                ttl, src, dst, frame, index, count = superframe.decode_chunk(rx, at, length)
+                if src not in table.known:
+                    raise FrameError("unknown-source")
+            except FrameError as exc:
+                counts["drop_udp_" + exc.reason] += 1
+                continue
+            if dst != table.own_short_id:
+                self._relay_chunks(at, length, length, ttl, src, dst)
+                continue
+            if run and run_key == (src, frame, index):
+                run.append((at, length))
+                run_key = (src, frame, index + 1)
+                continue
+            if run:
+                self._write_run(run, run_count, run_key)
+            run, run_key, run_count = [(at, length)], (src, frame, index + 1), count
+        if run:
+            self._write_run(run, run_count, run_key)
+
+    def _write_run(self, run: list[tuple[int, int]], count: int, key: tuple[int, int, int] | None) -> None:
+        assert key is not None
+        view = self._rxview
+        first = key[2] - len(run)
+        at, length = run[0]
+        if count == 1:
+            self._deliver([view[at + CHUNK_HEADER_SIZE:at + length]], length - PREFIX, 0)
+            return
+        headers = superframe.header_length(self._rx, at + PREFIX)
+        skip = PREFIX + headers
+        payloads = [view[a + skip:a + n] for a, n in run]
+        payload = sum(len(p) for p in payloads)
+        if first == 0 and len(run) == count:
+            self._deliver([view[at + CHUNK_HEADER_SIZE:at + length], *payloads[1:]], headers + payload, count)
+            return
+        try:
+            head = superframe.run_header(view[at + CHUNK_HEADER_SIZE:at + skip], first, len(run), count, payload)
+        except FrameError as exc:
+            self._counts["drop_udp_" + exc.reason] += 1
+            return
+        self._counts["rx_partial_runs"] += 1
+        self._deliver([head, *payloads], headers + payload, len(run))
+
+    # --- relays -------------------------------------------------------------------------------------
+
+    def _next_hop(self, ttl: int, dst: int) -> tuple[str, int] | None:
+        counts = self._counts
+        if ttl <= 1:
+            counts["drop_udp_ttl-expired"] += 1
+            return None
+        if dst not in self.table.known:
+            counts["drop_udp_unknown-destination"] += 1
+            return None
+        hop = self.table.relay.get(dst)
+        if hop is None:
+            counts["drop_udp_no-route"] += 1
+        return hop
+
+    def _relay_v1(self, at: int, length: int, ttl: int, src: int, dst: int) -> None:
+        hop = self._next_hop(ttl, dst)
+        if hop is None:
+            return
+        self._rx[at + 3] = ttl - 1
+        self._send(self._rxview[at:at + length], hop, 0)
+        self._counts["relayed_packets"] += 1
+        self._counts["relayed_bytes"] += length - sleeve.HEADER_SIZE
+
+    def _relay_chunks(self, at: int, n: int, segment: int, ttl: int, src: int, dst: int) -> None:
+        """Send chunks ``rx[at:at+n]`` (of ``segment`` bytes each) on towards ``dst``."""
+        hop = self._next_hop(ttl, dst)
+        if hop is None:
+            return
+        rx, view = self._rx, self._rxview
+        counts = self._counts
+        if segment <= min(self.table.chunk_limits.get(hop, 0), self._own_chunk):
+            for offset in range(at, at + n, segment):
+                rx[offset + 3] = ttl - 1
+            self._send(view[at:at + n], hop, segment if n > segment else 0)
+        else:
+            for offset in range(at, at + n, segment):
+                length = min(segment, at + n - offset)
+                try:
+                    for packet in self._chunk_packets(offset, length):
+                        self._send_packet_v1(packet, dst, hop, ttl - 1, src)
+                except FrameError as exc:
+                    counts["drop_udp_" + exc.reason] += 1
+        counts["relayed_packets"] += 1
+        counts["relayed_bytes"] += n
+
+    def _chunk_packets(self, at: int, length: int) -> list[bytearray]:
+        """A version-2 chunk as the finished IPv4 packet(s) a version-1 peer takes."""
+        view = self._rxview
+        _t, _s, _d, _f, index, count = superframe.decode_chunk(self._rx, at, length)
+        vnet = view[at + CHUNK_HEADER_SIZE:at + PREFIX]
+        if count == 1:
+            return list(superframe.segments(vnet, view[at + PREFIX:at + length]))
+        headers = superframe.header_length(self._rx, at + PREFIX)
+        skip = PREFIX + headers
+        head = superframe.run_header(view[at + CHUNK_HEADER_SIZE:at + skip], index, 1, count, length - skip)
+        return list(superframe.segments(head[:VNET_SIZE], head[VNET_SIZE:] + bytes(view[at + skip:at + length])))
+
+
+def offload_loop_factory(own_chunk: int) -> Callable[[int, socket.socket], OffloadLoop]:
+    """A ``loop_factory`` for :class:`weaved.adapters.datapath.Datapath`."""
+    return lambda tun_fd, sock: OffloadLoop(tun_fd, sock, own_chunk=own_chunk)
