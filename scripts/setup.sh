@@ -31,7 +31,9 @@ command -v iptables >/dev/null || need_apt+=(iptables)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v go >/dev/null || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ] || need_apt+=(golang-github-appc-cni-dev)
-command -v iperf3 >/dev/null || need_apt+=(iperf3)  # bench.sleeve_throughput
+command -v iperf3 >/dev/null || need_apt+=(iperf3)  # weaved lab bench, tests/netns
+command -v ethtool >/dev/null || need_apt+=(ethtool)  # weaved lab bench --loss, tests/netns (single-packet wire)
+command -v sockperf >/dev/null || need_apt+=(sockperf)  # weaved lab bench (request/response rate)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "weaved setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

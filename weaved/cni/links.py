@@ -32,8 +32,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from weaved.cni.nsenter import in_netns, netns_socket
-from weaved.core import superframe
 from weaved.cni.spec import ALIAS_PREFIX, parse_alias
+from weaved.core import superframe
 
 IFF_UP = 1
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from weaved.lab import host, ops, podops
+from weaved.lab import bench, host, ops, podops
 from weaved.lab.plan import LabError, LabState, describe_partition, parse_groups
 from weaved.lab.pods import validate_pods_per_node
 
@@ -228,6 +228,10 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return _wait(state, args.timeout, "mesh settled") if args.wait else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    return bench.run(args)
+
+
 # --- parser --------------------------------------------------------------------------------------------
 
 
@@ -297,6 +301,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     add("wait", cmd_wait, "wait until every running node reaches exactly what the underlay allows", timeout)
 
     add("matrix", cmd_matrix, "every pod pings every pod and every node; prints the table")
+
+    p = add("bench", cmd_bench, "build a 2-node lab of its own and measure the sleeve beside the underlay and "
+            "kernel VXLAN (iperf3, ping, sockperf, CPU per GB); removed afterwards")
+    bench.add_arguments(p)
+    p.set_defaults(name="bench")
 
     p = add("pod", cmd_pod, "add or delete a pod: a netns wired by the node's CNI plugin, as a runtime does")
     p.add_argument("action", choices=["add", "del"], help="add: CNI ADD in a new netns; del: CNI DEL, then the netns")

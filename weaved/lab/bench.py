@@ -1,0 +1,260 @@
+"""``weaved lab bench``: the sleeve side by side with the underlay and kernel VXLAN, in one run.
+
+Builds its own 2-node lab (``weaved lab up``), plugs one pod namespace into each node's bridge (veth with
+the pod MTU and ``gso_max_size`` the CNI plugin gives), adds a kernel VXLAN between the two node
+namespaces over the same underlay, and measures on each path, one after the other:
+
+* **underlay**: node n1 → node n2 on their 198.51.100.0/24 addresses;
+* **kernel VXLAN**: VNI 42, 203.0.113.0/24, MTU 1450 (the reference for "fast");
+* **weaved sleeve**: pod on n1 → pod on n2 through bridge, TUN, weaved and back.
+
+Per path: iperf3 TCP ``-P 1`` and ``-P 4`` for ``--seconds`` (Gbit/s received, retransmits), ``ping`` at
+10 ms intervals (RTT with the CPUs idle between packets) and flood ping (back to back), a sockperf TCP
+ping-pong of 64-byte messages (round trips per second) when sockperf is installed, and the CPU the whole
+machine spent per GB moved during the ``-P 4`` run (``/proc/stat``: the two iperf3 processes, the kernel,
+and for the sleeve the two daemons).
+
+``--loss PCT`` first turns the underlay into a wire that carries single packets (GUIDE.md section 4: node
+ends segment in software and receive with GRO, switch ends do no GRO) and drops PCT % of the packets that
+enter the switch from either node (nftables ``numgen``, since netem is not in this kernel); the drop
+counters are printed. Everything lives in the lab's namespaces and is removed at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from weaved.core import superframe
+from weaved.lab.plan import node_address, node_netns, switch_netns
+
+VXLAN_NET = "203.0.113"
+IPERF_PORT = "5301"
+SOCKPERF_PORT = "11111"
+LOSS_TABLE = "weaved_bench_loss"
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def lab_cmd(name: str, *args: str) -> str:
+    return sh(sys.executable, "-m", "weaved", "lab", args[0], "--name", name, *args[1:], timeout=300).stdout
+
+
+def in_node(name: str, node: str, *argv: str) -> str:
+    return sh(sys.executable, "-m", "weaved", "lab", "exec", "--name", name, node, "--", *argv).stdout
+
+
+@dataclass(frozen=True)
+class Path:
+    label: str
+    server_ns: str
+    client_ns: str
+    address: str
+
+
+@dataclass
+class Row:
+    path: Path
+    p1: float = 0.0
+    r1: int = 0
+    p4: float = 0.0
+    r4: int = 0
+    cpu_per_gb: float = 0.0
+    ping_idle: float = 0.0
+    ping_flood: float = 0.0
+    rr: float | None = None
+
+
+@contextmanager
+def two_nodes(name: str) -> Iterator[dict[str, str]]:
+    """A 2-node lab with one pod per node and a VXLAN between the nodes; yields the addresses."""
+    pods: list[str] = []
+    try:
+        lab_cmd(name, "up", "--nodes", "2", "--pods-per-node", "0")
+        deadline = time.monotonic() + 60
+        while True:
+            report = json.loads(in_node(name, "n1", "weaved", "report"))
+            if report["datapath"]["state"] == "ready" and report["datapath"]["peers"] == 1:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("the data path did not become ready within 60 s")
+            time.sleep(0.5)
+        mtu = str(report["datapath"]["mtu"])
+        gso = str(superframe.tun_gso_max_size(int(mtu)))  # as the CNI plugin makes pod interfaces
+        ips = {}
+        for node, pod in (("n1", "pa"), ("n2", "pb")):
+            netns = f"{name}-{pod}"
+            cidr = in_node(name, node, "weaved", "ipam", "alloc", f"bench-{pod}").strip()
+            gateway = in_node(name, node, "weaved", "ipam", "gateway").strip().split("/")[0]
+            sh("ip", "netns", "add", netns)
+            pods.append(netns)
+            node_ns = node_netns(name, node)
+            sh("ip", "-n", node_ns, "link", "add", f"v{pod}", "mtu", mtu, "gso_max_size", gso, "type", "veth",
+               "peer", "name", "eth0", "netns", netns, "gso_max_size", gso)
+            sh("ip", "-n", node_ns, "link", "set", f"v{pod}", "master", "weave", "up")
+            sh("ip", "-n", netns, "link", "set", "lo", "up")
+            sh("ip", "-n", netns, "link", "set", "eth0", "mtu", mtu, "up")
+            sh("ip", "-n", netns, "addr", "add", cidr, "dev", "eth0")
+            sh("ip", "-n", netns, "route", "add", "default", "via", gateway)
+            ips[pod] = cidr.split("/")[0]
+        for k, (node, other) in enumerate((("n1", "n2"), ("n2", "n1")), start=1):
+            ns = node_netns(name, node)
+            sh("ip", "-n", ns, "link", "add", "vxb", "type", "vxlan", "id", "42", "remote",
+               str(node_address(other).ip), "dstport", "4789", "dev", "eth0")
+            sh("ip", "-n", ns, "addr", "add", f"{VXLAN_NET}.{k}/24", "dev", "vxb")
+            sh("ip", "-n", ns, "link", "set", "vxb", "mtu", "1450", "up")
+        yield {"mtu": mtu, **ips}
+    finally:
+        for netns in pods:
+            sh("ip", "netns", "del", netns, check=False)
+        sh(sys.executable, "-m", "weaved", "lab", "down", "--name", name, check=False, timeout=300)
+
+
+def lossy_wire(name: str, percent: float) -> None:
+    """Single packets on the wire and ``percent`` % of them dropped where they enter the switch."""
+    sw = switch_netns(name)
+    for node in ("n1", "n2"):
+        sh("ip", "netns", "exec", node_netns(name, node), "ethtool", "-K", "eth0", "tso", "off", "gso", "off",
+           "tx-udp-segmentation", "off", "tx-udp_tnl-segmentation", "off", "gro", "on")
+        sh("ip", "netns", "exec", sw, "ethtool", "-K", node, "gro", "off")
+    threshold = round(percent * 1000)  # of 100000
+    chains = "".join(
+        f'  chain {node} {{ type filter hook ingress device "{node}" priority 0; '
+        f"numgen random mod 100000 < {threshold} counter drop; }}\n" for node in ("n1", "n2"))
+    proc = subprocess.run(["ip", "netns", "exec", sw, "nft", "-f", "-"], input=f"table netdev {LOSS_TABLE} {{\n"
+                          + chains + "}\n", text=True, capture_output=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"nft loss rule: {proc.stderr.strip()}")
+
+
+def dropped(name: str) -> int:
+    out = sh("ip", "netns", "exec", switch_netns(name), "nft", "list", "table", "netdev", LOSS_TABLE,
+             check=False).stdout
+    return sum(int(n) for n in re.findall(r"packets (\d+)", out))
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent not idle so far (all cores)."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def iperf(path: Path, seconds: int, streams: int) -> tuple[float, int, float]:
+    """Gbit/s received, TCP retransmits and machine CPU seconds per GB of one bounded iperf3 run."""
+    server = subprocess.Popen(["ip", "netns", "exec", path.server_ns, "iperf3", "-s", "-1", "-p", IPERF_PORT],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        before = busy_cpu_seconds()
+        out = sh("ip", "netns", "exec", path.client_ns, "iperf3", "-c", path.address, "-p", IPERF_PORT,
+                 "-t", str(seconds), "-P", str(streams), "-J", timeout=seconds + 30).stdout
+        cpu = busy_cpu_seconds() - before
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=10)
+    end = json.loads(out)["end"]
+    received = end["sum_received"]
+    gbytes = received["bytes"] / 1e9
+    return (received["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0)),
+            cpu / gbytes if gbytes else float("inf"))
+
+
+def ping_ms(path: Path, count: int, *, flood: bool) -> float:
+    argv = ["ip", "netns", "exec", path.client_ns, "ping", "-n", "-q", "-c", str(count)]
+    argv += ["-f"] if flood else ["-i", "0.01"]
+    out = sh(*argv, path.address, timeout=count * 0.02 + 30).stdout
+    return float(out.strip().splitlines()[-1].split("=")[1].split("/")[1])
+
+
+def round_trips(path: Path, seconds: int) -> float | None:
+    """sockperf TCP ping-pong, 64-byte messages: round trips per second (None without sockperf)."""
+    if shutil.which("sockperf") is None:
+        return None
+    server = subprocess.Popen(["ip", "netns", "exec", path.server_ns, "sockperf", "sr", "--tcp", "-i", path.address,
+                               "-p", SOCKPERF_PORT], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = sh("ip", "netns", "exec", path.client_ns, "sockperf", "pp", "--tcp", "-i", path.address,
+                 "-p", SOCKPERF_PORT, "-m", "64", "-t", str(seconds), timeout=seconds + 30).stdout
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=10)
+    match = re.search(r"RunTime=([\d.]+) sec; SentMessages=\d+; ReceivedMessages=(\d+)", out)
+    return int(match.group(2)) / float(match.group(1)) if match else None
+
+
+def measure(path: Path, args: argparse.Namespace) -> Row:
+    row = Row(path)
+    row.p1, row.r1, _ = iperf(path, args.seconds, 1)
+    row.p4, row.r4, row.cpu_per_gb = iperf(path, args.seconds, 4)
+    row.ping_idle = ping_ms(path, args.pings, flood=False)
+    row.ping_flood = ping_ms(path, args.pings * 10, flood=True)
+    row.rr = round_trips(path, 3)
+    return row
+
+
+def table(rows: list[Row]) -> str:
+    vxlan = next(r for r in rows if r.path.label == "kernel VXLAN")
+    lines = ["| path | -P1 Gbit/s | retr | -P4 Gbit/s | retr | -P4 ÷ VXLAN | ping ms (10 ms apart) | "
+             "ping ms (flood) | flood ÷ VXLAN | TCP RR/s (64 B) | CPU s/GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rr = f"{r.rr:,.0f}" if r.rr is not None else "-"
+        lines.append(f"| {r.path.label} | {r.p1:.2f} | {r.r1} | {r.p4:.2f} | {r.r4} | {r.p4 / vxlan.p4:.2f} | "
+                     f"{r.ping_idle:.3f} | {r.ping_flood:.3f} | {r.ping_flood / vxlan.ping_flood:.1f} | {rr} | "
+                     f"{r.cpu_per_gb:.1f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise SystemExit("weaved lab bench: needs root (network namespaces)")
+    for tool, package in (("iperf3", "iperf3"), ("ethtool", "ethtool")):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"weaved lab bench: {tool} not found: apt-get install -y {package}")
+    name = args.name
+    with two_nodes(name) as ips:
+        if args.loss:
+            lossy_wire(name, args.loss)
+        n1, n2 = node_netns(name, "n1"), node_netns(name, "n2")
+        paths = [
+            Path("underlay veth", n2, n1, str(node_address("n2").ip)),
+            Path("kernel VXLAN", n2, n1, f"{VXLAN_NET}.2"),
+            Path(f"weaved sleeve (pod MTU {ips['mtu']})", f"{name}-pb", f"{name}-pa", ips["pb"]),
+        ]
+        rows = [measure(path, args) for path in paths]
+        lost = dropped(name) if args.loss else 0
+        counters = json.loads(in_node(name, "n2", "weaved", "report"))["datapath"]["counters"]
+    wire = (f"single-packet wire, {args.loss:g} % of packets dropped entering the switch ({lost:,} dropped in all)"
+            if args.loss else "veth underlay as created (offloads on)")
+    print(f"iperf3 TCP {args.seconds} s; ping {args.pings} at 10 ms and {args.pings * 10} flood; "
+          f"sockperf 3 s; 2-node lab; {wire}; one run (figures move ±20%)\n")
+    print(table(rows))
+    keys = ("rx_superpackets", "rx_chunks", "rx_partial_runs", "rx_packets")
+    print("\nsleeve receiver (n2): " + ", ".join(f"{k}={counters.get(k, 0):,}" for k in keys))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration per run (default 5)")
+    parser.add_argument("--pings", type=int, default=200, help="pings at 10 ms (ten times as many flood pings)")
+    parser.add_argument("--loss", type=float, default=0.0, metavar="PCT",
+                        help="drop PCT %% of underlay packets on a single-packet wire (e.g. 1)")
