@@ -5,13 +5,10 @@ Theory of operation
 The frame format and why it is cut along inner segments are in :mod:`weaved.core.superframe`; this module
 is the I/O around it, one thread that serves both directions:
 
-* **TUN → UDP.** ``os.readv`` scatters the packet straight into the chunk slots of a preallocated buffer
-  (:class:`Layout`): the virtio header and inner headers plus the first MSS of payload into slot 0, each
-  further MSS into the payload part of the next slot. What is left is to copy the 42-byte prefix (chunk
-  header, virtio header, inner headers) in front of every further slot, stamp each slot's id word and send
-  the whole buffer with one ``sendmsg`` carrying ``UDP_SEGMENT`` = chunk size: the kernel cuts the
-  datagrams. The layout is predicted from the previous super-packet (headers and MSS rarely change);
-  a packet that does not match is laid out again by copying, and the prediction follows it.
+* **TUN → UDP.** One read into a preallocated buffer; one ``pack_into`` writes every chunk's prefix
+  (chunk header; for chunks after the first also the virtio and inner headers) into a table, and one
+  ``sendmsg`` with ``UDP_SEGMENT`` = chunk size gathers prefix, payload, prefix, payload... from the two
+  buffers without a copy in Python (:class:`Gather`); the kernel cuts the datagrams.
 * **UDP → TUN.** ``recvmsg_into`` with ``UDP_GRO`` returns a batch of same-size datagrams and their size in
   a control message. A batch that is exactly one frame goes to the TUN with one ``writev`` of chunk 0's
   headers and every chunk's payload; anything else is taken datagram by datagram and written as runs
@@ -35,6 +32,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -54,7 +52,6 @@ from weaved.core.superframe import (
     PREFIX,
     VNET,
     VNET_SIZE,
-    WORD,
     ZERO_VNET,
 )
 
@@ -74,45 +71,36 @@ INITIAL_HEADERS = 52
 """IPv4 + TCP with timestamps: what Linux TCP sends, so the first prediction is usually right."""
 
 
-class Layout:
-    """A send buffer whose ``readv`` slots put inner segment ``i``'s payload in chunk ``i`` for super-packets
-    with ``headers`` bytes of IPv4+TCP headers and MSS ``mss``."""
+class Gather:
+    """How one super-packet with ``headers`` bytes of IPv4+TCP headers and MSS ``mss`` leaves as chunks.
 
-    def __init__(self, headers: int, mss: int) -> None:
+    The packet is read contiguously (virtio header first) into the loop's read buffer. The chunk
+    prefixes (chunk header, then for chunks after the first a copy of the virtio and inner headers) are
+    written by one ``pack_into`` into :attr:`table`, and ``sendmsg`` gathers prefix, payload, prefix,
+    payload... from the two buffers, which :attr:`iov` lays out once for every chunk count. UDP GSO cuts
+    that stream at every :attr:`size` bytes, i.e. exactly at the chunk boundaries."""
+
+    def __init__(self, headers: int, mss: int, read: memoryview) -> None:
         self.headers, self.mss = headers, mss
         self.size = PREFIX + headers + mss
+        prefix = PREFIX + headers
+        self.table = bytearray(CHUNK_HEADER_SIZE + (superframe.MAX_CHUNKS - 1) * prefix)
+        table = memoryview(self.table)
         first = VNET_SIZE + headers + mss
-        slots = 1 + max(0, -(-(MAX_TUN_READ - first) // mss))
-        self.buf = bytearray(slots * self.size)
-        self.view = memoryview(self.buf)
-        self.first = first
-        """Bytes of the read (virtio header included) that land contiguously in slot 0."""
-        self.iov = [self.view[CHUNK_HEADER_SIZE:self.size]]
-        self.iov += [self.view[i * self.size + PREFIX + headers:(i + 1) * self.size] for i in range(1, slots)]
+        self.iov: list[memoryview] = [table[:CHUNK_HEADER_SIZE], read[:first]]
+        for index in range(1, -(-(len(read) - first) // mss) + 1):
+            at = CHUNK_HEADER_SIZE + (index - 1) * prefix
+            payload = first + (index - 1) * mss
+            self.iov += [table[at:at + prefix], read[payload:payload + mss]]
+        self._structs: dict[int, struct.Struct] = {}
 
-    def gather(self, n: int) -> bytes:
-        """The ``n`` bytes a read put into the slots, made contiguous again."""
-        if n <= self.first:
-            return bytes(self.view[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + n])
-        parts = [bytes(self.iov[0])]
-        left = n - self.first
-        for slot in self.iov[1:]:
-            if left <= 0:
-                break
-            parts.append(bytes(slot[:left]))
-            left -= len(slot)
-        return b"".join(parts)
-
-    def place(self, data: bytes) -> None:
-        """Lay out ``data`` (virtio header + packet) in the slots, as a read would have."""
-        self.buf[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + min(len(data), self.first)] = data[:self.first]
-        at = self.first
-        for slot in self.iov[1:]:
-            if at >= len(data):
-                break
-            piece = data[at:at + len(slot)]
-            slot[:len(piece)] = piece
-            at += len(piece)
+    def prefixes(self, chunks: int) -> struct.Struct:
+        """``8s Q`` for chunk 0, then ``8s Q {VNET_SIZE + headers}s`` per further chunk."""
+        found = self._structs.get(chunks)
+        if found is None:
+            found = self._structs[chunks] = struct.Struct(
+                "!8sQ" + f"8sQ{VNET_SIZE + self.headers}s" * (chunks - 1))
+        return found
 
 
 class OffloadLoop:
@@ -128,11 +116,15 @@ class OffloadLoop:
         self._retired: list[int] = []
         self._counts = Counter[str]()
         self._frame = 0
-        self._layouts: dict[tuple[int, int], Layout] = {}
-        self._layout = self._layout_for(INITIAL_HEADERS, max(1, own_chunk - PREFIX - INITIAL_HEADERS))
+        self._read = bytearray(MAX_TUN_READ)
+        self._readview = memoryview(self._read)
+        self._gathers: dict[tuple[int, int], Gather] = {}
+        self._head = bytearray(CHUNK_HEADER_SIZE)
         self._rx = bytearray(RX_BUFFER)
         self._rxview = memoryview(self._rx)
         self._segment_options: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._scatter: dict[tuple[int, int], list[memoryview]] = {}
+        """(chunk size, inner headers) → the slices of a whole frame's payloads in the receive buffer."""
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
 
     # --- PacketLoop ---------------------------------------------------------------------------------
@@ -188,10 +180,10 @@ class OffloadLoop:
                 poller.register(tun, select.POLLIN)
                 registered = tun
             worked = False
+            read = [self._read]
             for _ in range(DRAIN):
-                layout = self._layout
                 try:
-                    n = readv(tun, layout.iov)
+                    n = readv(tun, read)
                 except BlockingIOError:
                     break
                 except OSError:  # the device was deleted: wait for the daemon to reattach a new one
@@ -199,7 +191,7 @@ class OffloadLoop:
                     time.sleep(POLL_TIMEOUT_MS / 1000)
                     break
                 worked = True
-                self._outbound(layout, n)
+                self._outbound(n)
             for _ in range(DRAIN):
                 try:
                     n, anc, flags, source = recv([rxview], ancillary, socket.MSG_DONTWAIT)
@@ -226,122 +218,108 @@ class OffloadLoop:
 
     # --- TUN → UDP ----------------------------------------------------------------------------------
 
-    def _layout_for(self, headers: int, mss: int) -> Layout:
-        layout = self._layouts.get((headers, mss))
-        if layout is None:
-            if len(self._layouts) > 16:
-                self._layouts.clear()
-            layout = self._layouts[(headers, mss)] = Layout(headers, mss)
-        return layout
+    def _gather_for(self, headers: int, mss: int) -> Gather:
+        gather = self._gathers.get((headers, mss))
+        if gather is None:
+            if len(self._gathers) > 16:
+                self._gathers.clear()
+            gather = self._gathers[(headers, mss)] = Gather(headers, mss, self._readview)
+        return gather
 
-    def _outbound(self, layout: Layout, n: int) -> None:
+    def _outbound(self, n: int) -> None:
         counts = self._counts
-        buf = layout.buf
-        if n < VNET_SIZE + sleeve.IPV4_HEADER or buf[PREFIX] >> 4 != 4:
+        buf, view = self._read, self._readview
+        if n < VNET_SIZE + sleeve.IPV4_HEADER or buf[VNET_SIZE] >> 4 != 4:
             counts["drop_tun_not-ipv4"] += 1
             return
         table = self.table
-        route = table.lookup(int.from_bytes(buf[PREFIX + 16:PREFIX + 20], "big"))
+        route = table.lookup(int.from_bytes(buf[VNET_SIZE + 16:VNET_SIZE + 20], "big"))
         if isinstance(route, str):
             counts["drop_tun_" + route] += 1
             return
         dst, address = route
         counts["tx_packets"] += 1
         counts["tx_bytes"] += n - VNET_SIZE
-        flags, gso_type, _hdr_len, mss, _cs, _co = VNET.unpack_from(buf, CHUNK_HEADER_SIZE)
+        flags, gso_type, _hdr_len, mss, _cs, _co = VNET.unpack_from(buf, 0)
         limit = min(table.chunk_limits.get(address, 0), self._own_chunk)
         frame = self._frame = self._frame + 1
         if gso_type == GSO_NONE:
-            if n > layout.first:  # spilled over slot 0 (a layout for a smaller MSS): make it contiguous
-                data = layout.gather(n)
-                layout = self._layout_for(INITIAL_HEADERS, max(1, n))
-                layout.place(data)
             if limit and CHUNK_HEADER_SIZE + n <= limit:
-                CHUNK_HEADER.pack_into(layout.buf, 0, sleeve.MAGIC, superframe.VERSION, sleeve.DEFAULT_TTL,
+                head = self._head
+                CHUNK_HEADER.pack_into(head, 0, sleeve.MAGIC, superframe.VERSION, sleeve.DEFAULT_TTL,
                                        table.own_short_id, dst, superframe.word(frame, 0, 1))
-                self._send(layout.view[:CHUNK_HEADER_SIZE + n], address, 0)
+                self._send([head, view[:n]], address, 0)
             else:
-                self._send_v1(layout.view[CHUNK_HEADER_SIZE:CHUNK_HEADER_SIZE + VNET_SIZE],
-                              layout.buf, PREFIX, n - VNET_SIZE, dst, address, flags)
+                self._send_v1(n, dst, address, flags)
             return
         if gso_type != GSO_TCPV4 or mss == 0:
             counts["drop_tun_bad-vnet"] += 1
             return
-        headers = superframe.header_length(buf, PREFIX)
-        if (headers, mss) != (layout.headers, layout.mss):
-            data = layout.gather(n)
-            layout = self._layout = self._layout_for(headers, mss)
-            layout.place(data)
-            counts["tx_relayouts"] += 1
-            buf = layout.buf
-        size = layout.size
+        headers = superframe.header_length(buf, VNET_SIZE)
         payload = n - VNET_SIZE - headers
         if payload <= 0:
             counts["drop_tun_bad-vnet"] += 1
             return
         chunks = -(-payload // mss)
+        size = PREFIX + headers + mss
         if not limit or size > limit or chunks > superframe.MAX_CHUNKS:
-            data = layout.gather(n)
             counts["tx_segmented"] += 1
-            for packet in superframe.segments(data[:VNET_SIZE], memoryview(data)[VNET_SIZE:]):
+            for packet in superframe.segments(view[:VNET_SIZE], view[VNET_SIZE:n]):
                 self._send_packet_v1(packet, dst, address)
             return
+        gather = self._gather_for(headers, mss)
         first = superframe.word(frame, 0, chunks)
-        CHUNK_HEADER.pack_into(buf, 0, sleeve.MAGIC, superframe.VERSION, sleeve.DEFAULT_TTL,
-                               table.own_short_id, dst, first)
-        prefix_end = PREFIX + headers
-        prefix = bytes(buf[:prefix_end])
-        stamp = WORD.pack_into
-        at = size
-        for index in range(1, chunks):
-            buf[at:at + prefix_end] = prefix
-            stamp(buf, at + superframe.WORD_OFFSET, first + (index << 8))
-            at += size
-        total = (chunks - 1) * size + prefix_end + payload - (chunks - 1) * mss
+        pre = sleeve.HEADER.pack(sleeve.MAGIC, superframe.VERSION, sleeve.DEFAULT_TTL, table.own_short_id, dst)
+        values: list[object] = [pre, first]
+        if chunks > 1:
+            rest: list[object] = [pre, 0, bytes(view[:VNET_SIZE + headers])] * (chunks - 1)
+            rest[1::3] = range(first + 256, first + (chunks << 8), 256)
+            values += rest
+        gather.prefixes(chunks).pack_into(gather.table, 0, *values)
+        last = VNET_SIZE + headers + (chunks - 1) * mss
+        iov = [*gather.iov[:2 * chunks - 1], view[last:n]]
         per_send = superframe.chunks_per_send(size)
-        view = layout.view
         for start in range(0, chunks, per_send):
-            self._send(view[start * size:min(total, (start + per_send) * size)], address, size)
+            self._send(iov[2 * start:2 * (start + per_send)], address, size)
         counts["tx_superpackets"] += 1
         counts["tx_chunks"] += chunks
 
-    def _send(self, data: memoryview, address: tuple[str, int], segment: int) -> None:
+    def _send(self, data: Sequence[Buffer], address: tuple[str, int], segment: int) -> None:
+        """One datagram, or with ``segment`` a GSO send the kernel cuts into datagrams of that size."""
         try:
-            if segment and len(data) > segment:
+            if segment:
                 options = self._segment_options.get(segment)
                 if options is None:
                     options = [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, sys.byteorder))]
                     self._segment_options[segment] = options
-                self._sock.sendmsg([data], options, 0, address)
+                self._sock.sendmsg(data, options, 0, address)
             else:
-                self._sock.sendto(data, address)
+                self._sock.sendmsg(data, (), 0, address)
         except OSError as exc:
             too_big = exc.errno in (errno.EMSGSIZE, errno.EINVAL)
             self._counts["drop_tun_" + ("too-big" if too_big else "send-error")] += 1
 
-    def _send_v1(self, vnet: memoryview, buf: bytearray, offset: int, length: int, dst: int,
-                 address: tuple[str, int], flags: int) -> None:
-        """A plain packet at ``buf[offset:offset+length]`` to a version-1 peer: checksum finished when the
-        kernel left it to us, the 8-byte header written just in front of it."""
+    def _send_v1(self, n: int, dst: int, address: tuple[str, int], flags: int) -> None:
+        """The plain packet in the read buffer to a version-1 peer: checksum finished when the kernel left it
+        to us, the 8-byte header gathered in front of it."""
+        packet = self._readview[VNET_SIZE:n]
         if flags & F_NEEDS_CSUM:
-            _f, _g, _h, _m, csum_start, csum_offset = VNET.unpack_from(vnet, 0)
-            packet = bytearray(buf[offset:offset + length])
+            _f, _g, _h, _m, csum_start, csum_offset = VNET.unpack_from(self._read, 0)
+            finished = bytearray(packet)
             try:
-                superframe.complete_checksum(packet, csum_start, csum_offset)
+                superframe.complete_checksum(finished, csum_start, csum_offset)
             except FrameError as exc:
                 self._counts["drop_tun_" + exc.reason] += 1
                 return
-            buf[offset:offset + length] = packet
-        header_at = offset - sleeve.HEADER_SIZE
-        sleeve.HEADER.pack_into(buf, header_at, sleeve.MAGIC, sleeve.VERSION, sleeve.DEFAULT_TTL,
-                                self.table.own_short_id, dst)
-        self._send(memoryview(buf)[header_at:offset + length], address, 0)
+            self._send_packet_v1(finished, dst, address)
+            return
+        self._send_packet_v1(packet, dst, address)
 
-    def _send_packet_v1(self, packet: bytes | bytearray, dst: int, address: tuple[str, int],
+    def _send_packet_v1(self, packet: Buffer, dst: int, address: tuple[str, int],
                         ttl: int = sleeve.DEFAULT_TTL, src: int | None = None) -> None:
         header = sleeve.HEADER.pack(sleeve.MAGIC, sleeve.VERSION, ttl,
                                     self.table.own_short_id if src is None else src, dst)
-        self._send(memoryview(header + packet), address, 0)
+        self._send([header, packet], address, 0)
 
     # --- UDP → TUN ----------------------------------------------------------------------------------
 
@@ -369,10 +347,15 @@ class OffloadLoop:
                 self._deliver([view[CHUNK_HEADER_SIZE:n]], n - PREFIX, 0)
                 return
             headers = superframe.header_length(rx, PREFIX)
-            iov = [view[CHUNK_HEADER_SIZE:segment]]
             skip = PREFIX + headers
-            iov += [view[at + skip:min(n, at + segment)] for at in range(segment, n, segment)]
-            self._deliver(iov, n - count * skip + headers, count)
+            base = self._scatter.get((segment, headers))
+            if base is None:
+                if len(self._scatter) > 16:
+                    self._scatter.clear()
+                base = self._scatter[(segment, headers)] = [view[CHUNK_HEADER_SIZE:segment]] + [
+                    view[at + skip:at + segment] for at in range(segment, RX_BUFFER - segment, segment)]
+            last = (count - 1) * segment
+            self._deliver([*base[:count - 1], view[last + skip:n]], n - count * skip + headers, count)
             return
         self._inbound_each(n, segment)
 
@@ -491,7 +474,7 @@ class OffloadLoop:
         if hop is None:
             return
         self._rx[at + 3] = ttl - 1
-        self._send(self._rxview[at:at + length], hop, 0)
+        self._send([self._rxview[at:at + length]], hop, 0)
         self._counts["relayed_packets"] += 1
         self._counts["relayed_bytes"] += length - sleeve.HEADER_SIZE
 
@@ -505,7 +488,7 @@ class OffloadLoop:
         if segment <= min(self.table.chunk_limits.get(hop, 0), self._own_chunk):
             for offset in range(at, at + n, segment):
                 rx[offset + 3] = ttl - 1
-            self._send(view[at:at + n], hop, segment if n > segment else 0)
+            self._send([view[at:at + n]], hop, segment if n > segment else 0)
         else:
             for offset in range(at, at + n, segment):
                 length = min(segment, at + n - offset)

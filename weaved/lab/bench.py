@@ -15,7 +15,8 @@ machine spent per GB moved during the ``-P 4`` run (``/proc/stat``: the two iper
 and for the sleeve the two daemons).
 
 ``--loss PCT`` first turns the underlay into a wire that carries single packets (GUIDE.md section 4: node
-ends segment in software and receive with GRO, switch ends do no GRO) and drops PCT % of the packets that
+ends segment in software and receive with GRO, as a NIC does; switch ends neither segment nor coalesce:
+a veth only lets its peer coalesce what a sender without TSO gave it) and drops PCT % of the packets that
 enter the switch from either node (nftables ``numgen``, since netem is not in this kernel); the drop
 counters are printed. Everything lives in the lab's namespaces and is removed at the end, even on failure.
 """
@@ -127,10 +128,11 @@ def two_nodes(name: str) -> Iterator[dict[str, str]]:
 def lossy_wire(name: str, percent: float) -> None:
     """Single packets on the wire and ``percent`` % of them dropped where they enter the switch."""
     sw = switch_netns(name)
+    no_segmentation = ("tso", "off", "gso", "off", "tx-udp-segmentation", "off", "tx-udp_tnl-segmentation", "off")
     for node in ("n1", "n2"):
-        sh("ip", "netns", "exec", node_netns(name, node), "ethtool", "-K", "eth0", "tso", "off", "gso", "off",
-           "tx-udp-segmentation", "off", "tx-udp_tnl-segmentation", "off", "gro", "on")
-        sh("ip", "netns", "exec", sw, "ethtool", "-K", node, "gro", "off")
+        sh("ip", "netns", "exec", node_netns(name, node), "ethtool", "-K", "eth0", *no_segmentation, "gro", "on")
+        # The switch end too: a veth hands its peer's GRO only packets from a sender without TSO.
+        sh("ip", "netns", "exec", sw, "ethtool", "-K", node, *no_segmentation, "gro", "off")
     threshold = round(percent * 1000)  # of 100000
     chains = "".join(
         f'  chain {node} {{ type filter hook ingress device "{node}" priority 0; '
