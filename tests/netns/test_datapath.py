@@ -21,6 +21,7 @@ import pytest
 
 from tests.netns.conftest import HostSnapshot, Lab, addr, daemon_missing, eventually, session_base, teardown_and_check
 from weaved.adapters.datapath import CHECK_INTERVAL
+from weaved.core import superframe
 from weaved.lab.plan import node_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -77,7 +78,9 @@ def pings(netns: str, ip: str, attempts: int = 5) -> bool:
     return any(ping(netns, ip).returncode == 0 for _ in range(attempts))
 
 
-def make_pod(lab: Lab, node: str, name: str, made: list[str]) -> Pod:
+def make_pod(lab: Lab, node: str, name: str, made: list[str], *, cni_like: bool = False) -> Pod:
+    """A pod plugged into ``node``'s bridge; ``cni_like`` also gives its veth the ``gso_max_size`` the CNI
+    plugin sets (so the pod's TCP super-packets reach the sleeve whole)."""
     netns = f"{lab.name}-{name}"
     cidr = lab.exec(node, "weaved", "ipam", "alloc", f"pod-{name}", check=True).stdout.strip()
     gateway = lab.exec(node, "weaved", "ipam", "gateway", check=True).stdout.strip().split("/")[0]
@@ -89,8 +92,9 @@ def make_pod(lab: Lab, node: str, name: str, made: list[str]) -> Pod:
     mtu = str(report["datapath"]["mtu"])
     host_end = f"vp{name}"
     # Created inside the node's namespace: the host's own namespace never holds the pair, not even briefly.
-    sh("ip", "-n", node_ns, "link", "add", host_end, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "netns",
-       netns)
+    gso = ["gso_max_size", str(superframe.tun_gso_max_size(int(mtu)))] if cni_like else []
+    sh("ip", "-n", node_ns, "link", "add", host_end, "mtu", mtu, *gso, "type", "veth", "peer", "name", "eth0",
+       "netns", netns, *gso)
     sh("ip", "-n", node_ns, "link", "set", host_end, "master", "weave", "up")
     sh("ip", "-n", netns, "link", "set", "lo", "up")
     sh("ip", "-n", netns, "link", "set", "eth0", "mtu", mtu, "up")

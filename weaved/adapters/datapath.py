@@ -110,6 +110,8 @@ class Datapath:
             state=state, bridge=BRIDGE, tun=TUN, gateway=str(self._gateway) if self._gateway else None,
             mtu=self._mtu, underlay_mtu=self._underlay_mtu, sleeve_port=self._settings.sleeve_port,
             peers=loop.table.peers if loop is not None else 0, routes=self._routes, counters=counters,
+            mode="offload" if self._settings.offload else "plain",
+            offload_peers=len(loop.table.chunk_limits) if loop is not None and self._settings.offload else 0,
         )
 
     # --- pump side --------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Kept apart from :mod:`weaved.adapters.datapath` (which needs pyroute2 and the ke
 commands can read it without those imports. Counters use stable names: ``tx_packets``/``tx_bytes`` (TUN →
 sleeve), ``rx_packets``/``rx_bytes`` (sleeve → TUN), ``relayed_packets``/``relayed_bytes``, and
 ``drop_tun_<reason>`` / ``drop_udp_<reason>`` with the reasons of :data:`weaved.core.sleeve.DROP_REASONS`.
+The offload loop adds ``tx_superpackets``/``tx_chunks`` and ``rx_superpackets``/``rx_chunks`` (TSO
+super-packets and the chunks they travelled in), ``rx_partial_runs`` (parts of frames that arrived
+incomplete, delivered with fixed-up headers) and ``tx_segmented`` (super-packets cut up in userspace for
+a peer without offloads).
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ class DatapathReport:
     routes: int
     """Kernel routes into the TUN."""
     counters: dict[str, int]
+    mode: str = "plain"
+    """``offload`` (virtio headers, TSO, UDP GSO/GRO) or ``plain`` (one packet per datagram)."""
+    offload_peers: int = 0
+    """Neighbours that negotiated version-2 frames (``sleeve-gso``); the others get plain frames."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DatapathReport:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def drops(self) -> dict[str, int]:
         """Dropped packets by ``direction/reason`` (``tun/unowned``, ``udp/bad-magic`` …)."""

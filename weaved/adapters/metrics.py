@@ -151,6 +151,21 @@ class DatapathCollector(Collector):
             for reason, value in _labelled(c, prefix):
                 dropped.add_metric([source, reason], value)
         yield dropped
+        supers = CounterMetricFamily("weave_sleeve_superpackets", "TSO super-packets through the sleeve (offload "
+                                     "mode), by direction.", labels=["direction"])
+        chunks = CounterMetricFamily("weave_sleeve_chunks", "Chunks (wire datagrams) the super-packets travelled in, "
+                                     "by direction.", labels=["direction"])
+        for direction in ("tx", "rx"):
+            supers.add_metric([direction], c.get(f"{direction}_superpackets", 0))
+            chunks.add_metric([direction], c.get(f"{direction}_chunks", 0))
+        yield supers
+        yield chunks
+        yield CounterMetricFamily("weave_sleeve_incomplete_frames", "Runs of chunks written for frames that "
+                                  "arrived incomplete (a chunk lost or split off).", value=c.get("rx_partial_runs", 0))
+        yield CounterMetricFamily("weave_sleeve_segmented", "Super-packets cut into segments in userspace for a "
+                                  "peer without offloads.", value=c.get("tx_segmented", 0))
+        yield GaugeMetricFamily("weave_sleeve_offload_peers", "Neighbours that negotiated offload (version-2) "
+                                "frames.", value=report.offload_peers)
         yield GaugeMetricFamily("weave_sleeve_routed_peers", "Remote peers the sleeve has a route to.",
                                 value=report.peers)
         yield GaugeMetricFamily("weave_pod_mtu", "MTU given to pod interfaces (0 until known).",

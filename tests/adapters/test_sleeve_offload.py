@@ -1,0 +1,200 @@
+"""The offload loop on loopback: a datagram socketpair stands in for the virtio-header TUN (one virtio header
++ packet per read and write, as ``IFF_TUN|IFF_NO_PI|IFF_VNET_HDR`` gives), real UDP sockets on 127.0.0.1 for
+the peers. Chunks are sent one by one, shuffled, with gaps, as one GSO batch, and malformed; what comes out
+of the "TUN" is judged by scapy's checksums after the segmentation the receiving kernel would do.
+
+The real TUN, offloads and kernel routing are exercised by ``tests/netns/test_sleeve_fast.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from scapy.all import IP, TCP, UDP, Raw
+
+from weaved.adapters.sleeve_offload import SOL_UDP, UDP_SEGMENT, OffloadLoop
+from weaved.adapters.udp import open_control_socket
+from weaved.core import sleeve, superframe
+from weaved.core.forwarding import build
+from weaved.core.ipam.ring import AddressRange
+from weaved.core.superframe import CHUNK_HEADER, F_NEEDS_CSUM, GSO_TCPV4, PREFIX, VNET, VNET_SIZE, ZERO_VNET
+from weaved.core.types import Endpoint, PeerName, peer_name_from_bytes
+
+OWN, NEAR, PLAIN = (peer_name_from_bytes(bytes([2, 0, 0, 0, 0, i])) for i in (1, 2, 3))
+SHORT = {OWN: 11, NEAR: 22, PLAIN: 33}
+RANGE = AddressRange.from_cidr("10.32.0.0/12")
+OWN_POD, NEAR_POD, PLAIN_POD = "10.32.0.5", "10.40.0.5", "10.44.0.5"
+MSS = 1000
+CHUNK = PREFIX + 52 + MSS
+
+
+def super_packet(src: str, dst: str, payload: bytes, seq: int = 7000) -> bytes:
+    """virtio header + TSO super-packet as a TUN with offloads hands it over (partial TCP checksum)."""
+    tcp = TCP(sport=5201, dport=40000, seq=seq, ack=1, flags="PA",
+              options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+    raw = bytearray(bytes(IP(src=src, dst=dst, id=300) / tcp / Raw(payload)))
+    pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
+    raw[36:38] = superframe.ones_sum(pseudo).to_bytes(2, "big")
+    return VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, 52, MSS, 20, 16) + bytes(raw)
+
+
+def chunks_of(vnet_packet: bytes, frame: int = 1, src: int = 22, dst: int = 11) -> list[bytes]:
+    """The version-2 chunks a sender makes of ``vnet_packet`` (what the loop's own outbound path sends)."""
+    head, payload = vnet_packet[:VNET_SIZE + 52], vnet_packet[VNET_SIZE + 52:]
+    count = -(-len(payload) // MSS)
+    out = []
+    for i in range(count):
+        word = superframe.word(frame, i, count)
+        out.append(CHUNK_HEADER.pack(sleeve.MAGIC, 2, 16, src, dst, word) + head + payload[i * MSS:(i + 1) * MSS])
+    return out
+
+
+def payload_of(packets: list[bytes]) -> bytes:
+    """TCP payload of delivered packets (virtio header first), after the kernel's own segmentation, with
+    every segment's checksums checked."""
+    data = b""
+    for item in sorted(packets, key=lambda p: IP(p[VNET_SIZE:])[TCP].seq):
+        for seg in superframe.segments(item[:VNET_SIZE], item[VNET_SIZE:]):
+            parsed = IP(bytes(seg))
+            fresh = IP(bytes(seg))
+            del fresh.chksum, fresh[TCP].chksum
+            fresh = IP(bytes(fresh))
+            assert (parsed.chksum, parsed[TCP].chksum) == (fresh.chksum, fresh[TCP].chksum)
+            data += bytes(parsed[TCP].payload)
+    return data
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.01)
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.tun_peer, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tun.setblocking(False)
+        self._tun = tun
+        self.sock = open_control_socket("127.0.0.1", 0)
+        self.near = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.near.bind(("127.0.0.1", 0))
+        self.plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.plain.bind(("127.0.0.1", 0))
+        for s in (self.near, self.plain, self.tun_peer):
+            s.settimeout(2)
+        self.loop = OffloadLoop(tun.fileno(), self.sock, own_chunk=1472)
+        segments: list[tuple[int, int, PeerName]] = [
+            (RANGE.start, RANGE.start + (1 << 19), OWN),
+            (RANGE.start + (1 << 19), RANGE.start + (3 << 18), NEAR),
+            (RANGE.start + (3 << 18), RANGE.end, PLAIN),
+        ]
+        near_at, plain_at = Endpoint(*self.near.getsockname()), Endpoint(*self.plain.getsockname())
+        self.loop.table = build(OWN, SHORT, segments, {NEAR: NEAR, PLAIN: PLAIN},
+                                {NEAR: near_at, PLAIN: plain_at}, {NEAR: 1472})
+        self.loop.start()
+        self.address = self.sock.getsockname()
+
+    def delivered(self, count: int) -> list[bytes]:
+        return [self.tun_peer.recv(70000) for _ in range(count)]
+
+    def close(self) -> None:
+        self.loop.stop()
+        for s in (self.sock, self._tun, self.tun_peer, self.near, self.plain):
+            s.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+PAYLOAD = bytes((i * 13) % 256 for i in range(3500))
+
+
+def test_a_super_packet_leaves_as_chunks_one_inner_segment_each(rig: Rig) -> None:
+    rig.tun_peer.send(super_packet(OWN_POD, NEAR_POD, PAYLOAD))
+    got = [rig.near.recv(70000) for _ in range(4)]
+    assert [len(c) for c in got] == [CHUNK] * 3 + [PREFIX + 52 + 500]
+    for index, chunk in enumerate(got):
+        ttl, src, dst, _frame, i, count = superframe.decode_chunk(chunk, 0, len(chunk))
+        assert (ttl, src, dst, i, count) == (sleeve.DEFAULT_TTL, 11, 22, index, 4)
+        assert chunk[PREFIX + 52:] == PAYLOAD[index * MSS:(index + 1) * MSS]
+    until(lambda: rig.loop.counters().get("tx_chunks") == 4, "counted")
+
+
+def test_a_peer_without_offloads_gets_finished_segments(rig: Rig) -> None:
+    rig.tun_peer.send(super_packet(OWN_POD, PLAIN_POD, PAYLOAD))
+    frames = [rig.plain.recv(70000) for _ in range(4)]
+    for frame in frames:
+        assert sleeve.decode_header(frame, len(frame)) == (sleeve.DEFAULT_TTL, 11, 33)
+    assert payload_of([ZERO_VNET + f[sleeve.HEADER_SIZE:] for f in frames]) == PAYLOAD
+    # A plain UDP packet whose checksum the kernel left to us is finished too.
+    udp = bytearray(bytes(IP(src=OWN_POD, dst=PLAIN_POD) / UDP(sport=1, dport=2) / Raw(b"datagram")))
+    udp[26:28] = superframe.ones_sum(udp[12:20] + struct.pack("!BBH", 0, 17, len(udp) - 20)).to_bytes(2, "big")
+    rig.tun_peer.send(VNET.pack(F_NEEDS_CSUM, 0, 0, 0, 20, 6) + bytes(udp))
+    frame = rig.plain.recv(70000)
+    parsed = IP(frame[sleeve.HEADER_SIZE:])
+    check = parsed[UDP].chksum
+    del parsed[UDP].chksum
+    assert IP(bytes(parsed))[UDP].chksum == check
+
+
+def test_chunks_that_arrive_one_by_one_are_delivered_as_segments(rig: Rig) -> None:
+    original = super_packet(NEAR_POD, OWN_POD, PAYLOAD)
+    for chunk in chunks_of(original):
+        rig.near.sendto(chunk, rig.address)
+    out = rig.delivered(4)  # no GRO for separate sends: each chunk is a run of one, a finished-header segment
+    assert all(VNET.unpack_from(p, 0)[1] == 0 for p in out)
+    assert payload_of(out) == PAYLOAD
+
+
+def test_a_gso_batch_takes_the_fast_path(rig: Rig) -> None:
+    original = super_packet(NEAR_POD, OWN_POD, PAYLOAD)
+    batch = b"".join(chunks_of(original, frame=9))
+    rig.near.sendmsg([batch], [(SOL_UDP, UDP_SEGMENT, CHUNK.to_bytes(2, "little"))], 0, rig.address)
+    (out,) = rig.delivered(1)
+    assert out == original
+    until(lambda: rig.loop.counters().get("rx_superpackets") == 1, "delivered as one super-packet")
+    assert rig.loop.counters().get("rx_partial_runs", 0) == 0
+
+
+def test_reordered_and_lost_chunks_cost_only_their_own_segments(rig: Rig) -> None:
+    original = super_packet(NEAR_POD, OWN_POD, PAYLOAD)
+    segment = [(SOL_UDP, UDP_SEGMENT, CHUNK.to_bytes(2, "little"))]
+    c = chunks_of(original, frame=3)
+    rig.near.sendmsg([c[2] + c[0] + c[1]], segment, 0, rig.address)  # one batch, reordered, chunk 3 lost
+    out = rig.delivered(2)  # runs [2] and [0, 1]
+    assert sorted(VNET.unpack_from(p, 0)[1] for p in out) == [0, GSO_TCPV4]
+    assert payload_of(out) == PAYLOAD[:3 * MSS]
+    c = chunks_of(original, frame=4)
+    rig.near.sendmsg([c[0] + c[2] + c[3]], segment, 0, rig.address)  # chunk 1 lost
+    out = rig.delivered(2)  # runs [0] and [2, 3]
+    assert payload_of(out) == PAYLOAD[:MSS] + PAYLOAD[2 * MSS:]
+    until(lambda: rig.loop.counters().get("rx_partial_runs", 0) == 4, "four partial runs")
+
+
+def test_plain_frames_are_taken_and_malformed_chunks_dropped_by_reason(rig: Rig) -> None:
+    inner = bytes(IP(src=NEAR_POD, dst=OWN_POD) / UDP(sport=3, dport=4) / Raw(b"v1"))
+    rig.near.sendto(sleeve.encode(inner, 22, 11), rig.address)
+    assert rig.delivered(1) == [ZERO_VNET + inner]
+    good = chunks_of(super_packet(NEAR_POD, OWN_POD, PAYLOAD), frame=5)[0]
+    cases = {
+        "bad-chunk": good[:14] + bytes([4, 4]) + good[16:],           # index 4 of 4
+        "bad-vnet": good[:17] + bytes([4]) + good[18:],               # gso_type TCPv6: never offered
+        "bad-version": good[:2] + b"\x09" + good[3:],
+        "unknown-source": good[:4] + b"\x00\x2c" + good[6:],
+        "short": good[:30],
+    }
+    for frame in cases.values():
+        rig.near.sendto(frame, rig.address)
+    rig.near.sendto(sleeve.encode(inner, 22, 11), rig.address)
+    assert rig.delivered(1) == [ZERO_VNET + inner]  # everything between was dropped
+    until(lambda: all(rig.loop.counters().get(f"drop_udp_{r}", 0) == 1 for r in cases), "each drop counted")
