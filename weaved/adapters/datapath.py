@@ -214,7 +214,7 @@ class Datapath:
         """Someone deleted ``weave-tun``: create it again and hand the packet loop the new descriptor."""
         if self._loop is None or self._network.tun_present():
             return []
-        self._loop.reattach(open_tun(TUN))
+        self._loop.reattach(open_tun(TUN, offload=self._settings.offload))
         return [f"re-created {TUN}"]
 
     async def _keep(self) -> None:
