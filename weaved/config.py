@@ -253,6 +253,10 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
 
     Raises :class:`ConfigError` with a one-line message on the first bad value.
     """
+    if env.get("WEAVE_PASSWORD", "").strip():
+        # Fail closed: an operator who set a password expects encryption, and must not get clear text.
+        raise ConfigError("WEAVE_PASSWORD is set, but this weaved cannot encrypt yet; refusing to carry traffic "
+                          "in clear text: unset it (in Kubernetes, delete the weave-passwd Secret)")
     port = _int_setting(flags.get("port"), env, "WEAVE_PORT", DEFAULT_PORT, "--port/WEAVE_PORT")
     if not 0 < port < 65536:
         raise ConfigError(f"--port/WEAVE_PORT: {port} out of range 1-65535")

@@ -114,6 +114,7 @@ def test_host_port_prints_ipv6_in_brackets() -> None:
     ({"host": "example.org"}, {}, "--host: 'example.org' is not an IPv4 address"),
     ({"nickname": "  "}, {}, "--nickname: must not be empty"),
     ({"nickname": "n" * 65}, {}, "at most 64 characters"),
+    ({}, {"WEAVE_PASSWORD": "s3cret"}, "WEAVE_PASSWORD is set, but this weaved cannot encrypt yet"),
 ])
 def test_bad_values_give_one_line_errors(flags: dict[str, Any], env: dict[str, str], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
