@@ -88,18 +88,38 @@ def open_sleeve_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class ThreadedLoop:
+class TunHolder:
+    """The TUN descriptor a packet loop uses, and the ones it replaced (shared by both loops)."""
+
+    def __init__(self, tun_fd: int) -> None:
+        self._tun = tun_fd
+        self._retired: list[int] = []
+        """Descriptors of TUN devices that were deleted under us: closed only by :meth:`close`, because a
+        packet thread may be writing to one at this moment (closing it could let the number be reused)."""
+
+    def reattach(self, tun_fd: int) -> None:
+        """Use a new TUN descriptor (the device was deleted and created again); the packet threads switch at
+        their next packet."""
+        self._retired.append(self._tun)
+        self._tun = tun_fd
+
+    def close(self) -> None:
+        """Close the TUN descriptors (current and retired) after ``stop()``."""
+        for fd in {self._tun, *self._retired}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._retired.clear()
+
+
+class ThreadedLoop(TunHolder):
     """The plain, correct loop: one packet per syscall, two threads. See the module docstring."""
 
     def __init__(self, tun_fd: int, sock: socket.socket) -> None:
+        super().__init__(tun_fd)
         self.table: ForwardingTable = EMPTY
-        self._tun = tun_fd
         self._sock = sock
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._retired: list[int] = []
-        """Descriptors of TUN devices that were deleted under us: closed only by :meth:`close`, because the
-        inbound thread may be writing to one at this moment (closing it could let the number be reused)."""
         self._out = Counter[str]()
         self._in = Counter[str]()
 
@@ -124,19 +144,6 @@ class ThreadedLoop:
         total = Counter(dict(self._out))
         total.update(dict(self._in))
         return dict(total)
-
-    def reattach(self, tun_fd: int) -> None:
-        """Use a new TUN descriptor (the device was deleted and created again); both threads switch at
-        their next packet."""
-        self._retired.append(self._tun)
-        self._tun = tun_fd
-
-    def close(self) -> None:
-        """Close the TUN descriptors (current and retired) after :meth:`stop`."""
-        for fd in {self._tun, *self._retired}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._retired.clear()
 
     def _guard(self, loop: object) -> None:
         assert callable(loop)

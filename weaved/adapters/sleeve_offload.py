@@ -27,7 +27,6 @@ Everything a peer can send is dropped and counted by reason, never raised.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import select
@@ -40,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
+from weaved.adapters.sleeve import TunHolder
 from weaved.core import sleeve, superframe
 from weaved.core.forwarding import EMPTY, ForwardingTable
 from weaved.core.sleeve import FrameError
@@ -103,17 +103,16 @@ class Gather:
         return found
 
 
-class OffloadLoop:
+class OffloadLoop(TunHolder):
     """See the module docstring. ``own_chunk`` is the biggest chunk our underlay carries (its MTU − 28)."""
 
     def __init__(self, tun_fd: int, sock: socket.socket, *, own_chunk: int = 1472) -> None:
+        super().__init__(tun_fd)
         self.table: ForwardingTable = EMPTY
-        self._tun = tun_fd
         self._sock = sock
         self._own_chunk = own_chunk
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._retired: list[int] = []
         self._counts = Counter[str]()
         self._frame = 0
         self._read = bytearray(MAX_TUN_READ)
@@ -140,16 +139,6 @@ class OffloadLoop:
 
     def counters(self) -> dict[str, int]:
         return dict(self._counts)  # one C-level copy: atomic under the GIL
-
-    def reattach(self, tun_fd: int) -> None:
-        self._retired.append(self._tun)
-        self._tun = tun_fd
-
-    def close(self) -> None:
-        for fd in {self._tun, *self._retired}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._retired.clear()
 
     # --- the thread ---------------------------------------------------------------------------------
 
@@ -334,9 +323,7 @@ class OffloadLoop:
         if (n >= PREFIX + sleeve.IPV4_HEADER and rx[2] == superframe.VERSION
                 and superframe.is_whole_frame(rx, count, segment)):
             try:
-                ttl, src, dst, _frame, _index, _count = superframe.decode_chunk(rx, 0, min(segment, n))
-                if src not in table.known:
-                    raise FrameError("unknown-source")
+                ttl, src, dst, _frame, _index, _count = self._decode_chunk(0, min(segment, n))
             except FrameError as exc:
                 counts["drop_udp_" + exc.reason] += 1
                 return
@@ -358,6 +345,13 @@ class OffloadLoop:
             self._deliver([*base[:count - 1], view[last + skip:n]], n - count * skip + headers, count)
             return
         self._inbound_each(n, segment)
+
+    def _decode_chunk(self, at: int, length: int) -> tuple[int, int, int, int, int, int]:
+        """:func:`weaved.core.superframe.decode_chunk` of the chunk at ``at``, from a peer we know."""
+        decoded = superframe.decode_chunk(self._rx, at, length)
+        if decoded[1] not in self.table.known:
+            raise FrameError("unknown-source")
+        return decoded
 
     def _deliver(self, iov: Sequence[Buffer], length: int, chunks: int) -> None:
         """Write one packet or super-packet of ``length`` bytes into the TUN. ``iov[0]`` starts with the
@@ -412,9 +406,7 @@ class OffloadLoop:
                     else:
                         self._relay_v1(at, length, ttl, src, dst)
                     continue
-                ttl, src, dst, frame, index, count = superframe.decode_chunk(rx, at, length)
-                if src not in table.known:
-                    raise FrameError("unknown-source")
+                ttl, src, dst, frame, index, count = self._decode_chunk(at, length)
             except FrameError as exc:
                 counts["drop_udp_" + exc.reason] += 1
                 continue
