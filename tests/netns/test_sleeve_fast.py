@@ -235,3 +235,24 @@ def test_a_node_without_offloads_gets_finished_segments(world: World) -> None:
     for src, dst, seed in ((d, a, 5), (d, c, 6)):  # and from the plain node to offload nodes
         sent, received = transfer(src, dst, 4 << 20, seed=seed)
         assert sent == received
+
+
+def test_lab_bench_measures_all_three_paths_and_leaves_nothing() -> None:
+    """``weaved lab bench`` end to end, short: the table has its three rows and the lab is gone after."""
+    if daemon_missing():
+        pytest.skip(daemon_missing() or "")
+    for tool in ("iperf3", "ethtool"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            pytest.skip(f"{tool} not found: apt-get install -y {tool}")
+    before = HostSnapshot.take()
+    name = session_base() + "b"
+    try:
+        out = subprocess.run([sys.executable, "-m", "weaved", "lab", "bench", "--name", name, "--seconds", "1",
+                              "--pings", "5", "--loss", "1"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "Gbit/s" not in line]
+        assert [r.split("|")[1].strip().split(" (")[0] for r in rows] == ["underlay veth", "kernel VXLAN",
+                                                                          "weaved sleeve"]
+        assert "dropped in all" in out.stdout and "rx_superpackets=" in out.stdout
+    finally:
+        teardown_and_check(Lab(name), before)

@@ -302,10 +302,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     add("matrix", cmd_matrix, "every pod pings every pod and every node; prints the table")
 
-    p = add("bench", cmd_bench, "build a 2-node lab of its own and measure the sleeve beside the underlay and "
-            "kernel VXLAN (iperf3, ping, sockperf, CPU per GB); removed afterwards")
+    bench_help = ("build a 2-node lab of its own and measure the sleeve beside the underlay and kernel VXLAN "
+                  "(iperf3, ping, sockperf, CPU per GB); removed afterwards")
+    # Not from `common`: its own lab name by default, so it never meets the user's lab.
+    p = sub.add_parser("bench", help=bench_help, description=bench_help)
+    p.add_argument("--name", default="bench", metavar="LAB", help="name of the lab it builds (default: bench)")
     bench.add_arguments(p)
-    p.set_defaults(name="bench")
+    p.set_defaults(func=_guarded(cmd_bench))
 
     p = add("pod", cmd_pod, "add or delete a pod: a netns wired by the node's CNI plugin, as a runtime does")
     p.add_argument("action", choices=["add", "del"], help="add: CNI ADD in a new netns; del: CNI DEL, then the netns")
