@@ -361,6 +361,27 @@ def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_ne
     assert cluster.peers[b].ring.owner_of(again.lease.address) == a  # granted by b
 
 
+def test_a_request_waiting_for_a_reachable_donor_asks_as_soon_as_one_is_reachable() -> None:
+    """A restarted peer that owns nothing can take an allocation before the mesh told its IPAM that the
+    donor is reachable; it must ask the moment it is, not at the next anti-entropy round 15-45 s later
+    (the daemon test of ``weaved reset`` caught a 20 s wait, and once a 30 s deadline)."""
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
+    a, b = NAMES[:2]
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.peers[a].release("c1", cluster.now)
+    cluster.peers[a].leave(cluster.now)
+    cluster.pump()
+    cluster.peers[a] = cluster._new(a, cluster.disk[a])  # restarted, and the mesh has not reported b yet
+    cluster.done[a].clear()
+    request = cluster.peers[a].allocate("c2", "eth0", cluster.now)
+    cluster.pump()
+    assert not cluster.done[a], "allocated with no space and no donor"
+    cluster.peers[a].set_reachable({b}, cluster.now)  # b is reachable now: no time passes
+    cluster.pump()
+    (done,) = [c for c in cluster.done[a] if c.request == request]
+    assert isinstance(done, Allocated) and cluster.peers[b].ring.owner_of(done.lease.address) == a
+
+
 def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
     """Regression (found by tests/sim/test_ipam_stateful.py): a and b leave, c owns nothing. b's best heir
     was a (which had left and owns nothing, like c, and has the lower name), and a's was b again, for ever.

@@ -367,13 +367,17 @@ class Allocator:
     # --- mesh input -------------------------------------------------------------------------------
 
     def set_reachable(self, peers: set[PeerName], now: float) -> None:
-        """The peers the mesh reaches now: new ones get our ring (and votes) at once."""
+        """The peers the mesh reaches now: new ones get our ring (and votes) at once, and a request that
+        is waiting for space asks one of them now rather than at the next anti-entropy round (a peer
+        restarted with nothing of its own found no reachable donor at first, and waited up to 45 s)."""
         self._schedule_gossip(now)
         joined = peers - self._reachable
         self._reachable = set(peers)
         for peer in sorted(joined):
             self._send_ring(peer)
             self._send_paxos(peer)
+        if joined and self._pending and self._asked is None and self.ring.seeded and self.departure is None:
+            self._serve(now)
 
     def receive(self, src: PeerName, payload: bytes, now: float) -> None:
         """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
