@@ -386,7 +386,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="UDP port of the sleeve data path (WEAVE_SLEEVE_PORT, default control port + 2)")
     parser.add_argument("--mtu", metavar="BYTES",
                         help="pod MTU (WEAVE_MTU, default: the underlay's MTU minus the sleeve's 54 bytes, "
-                             "36 with --no-offload)")
+                             "with or without --no-offload)")
     parser.add_argument("--no-offload", action="store_true", default=None,
                         help="sleeve without virtio headers, TSO and UDP GSO/GRO: one packet per datagram "
                              "(WEAVE_NO_OFFLOAD=1)")

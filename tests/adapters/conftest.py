@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -16,3 +17,12 @@ def logs() -> Iterator[io.StringIO]:
     configure_logging("console", "info", out)
     yield out
     reset_logging()
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
+    """Wait for ``check`` (a packet thread counts just after it acted); fail saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.01)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from scapy.all import ICMP, IP, Raw
 
+from tests.adapters.conftest import until
 from weaved.adapters.sleeve import ThreadedLoop, open_sleeve_socket
 from weaved.core import sleeve
 from weaved.core.forwarding import build
@@ -27,14 +28,6 @@ OWN_POD, NEAR_POD, FAR_POD = "10.32.0.5", "10.40.0.5", "10.44.0.5"
 
 def packet(src: str, dst: str, size: int = 100) -> bytes:
     return bytes(IP(src=src, dst=dst) / ICMP() / Raw(b"p" * (size - 28)))
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.01)
 
 
 class Rig:

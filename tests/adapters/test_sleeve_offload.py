@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from scapy.all import IP, TCP, UDP, Raw
 
+from tests.adapters.conftest import until
 from weaved.adapters.sleeve_offload import SOL_UDP, UDP_SEGMENT, OffloadLoop
 from weaved.adapters.udp import open_control_socket
 from weaved.core import sleeve, superframe
@@ -66,14 +66,6 @@ def payload_of(packets: list[bytes]) -> bytes:
             assert (parsed.chksum, parsed[TCP].chksum) == (fresh.chksum, fresh[TCP].chksum)
             data += bytes(parsed[TCP].payload)
     return data
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.01)
 
 
 class Rig:

@@ -346,13 +346,19 @@ def test_a_lost_hand_over_is_sent_again_until_the_heir_confirms() -> None:
     assert cluster.peers[b].status().owned == 256
 
 
-def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_new_one() -> None:
+def left_after_one_allocation() -> tuple[Cluster, PeerName, PeerName]:
+    """Two seeded peers; ``a`` allocated once, released, and left: ``b`` owns everything."""
     cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
     a, b = NAMES[:2]
     assert isinstance(cluster.allocate(a, "c1"), Allocated)
     cluster.peers[a].release("c1", cluster.now)
     cluster.peers[a].leave(cluster.now)
     cluster.pump()
+    return cluster, a, b
+
+
+def test_a_peer_that_left_and_restarts_owns_nothing_and_asks_for_space_like_a_new_one() -> None:
+    cluster, a, b = left_after_one_allocation()
     cluster.crash_and_restart(a)  # the hand-over was on disk before it was sent
     assert cluster.peers[a].departure is None and cluster.peers[a].status().owned == 0
     cluster.done[a].clear()  # the new incarnation numbers its requests from 1 again
@@ -365,12 +371,7 @@ def test_a_request_waiting_for_a_reachable_donor_asks_as_soon_as_one_is_reachabl
     """A restarted peer that owns nothing can take an allocation before the mesh told its IPAM that the
     donor is reachable; it must ask the moment it is, not at the next anti-entropy round 15-45 s later
     (the daemon test of ``weaved reset`` caught a 20 s wait, and once a 30 s deadline)."""
-    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
-    a, b = NAMES[:2]
-    assert isinstance(cluster.allocate(a, "c1"), Allocated)
-    cluster.peers[a].release("c1", cluster.now)
-    cluster.peers[a].leave(cluster.now)
-    cluster.pump()
+    cluster, a, b = left_after_one_allocation()
     cluster.peers[a] = cluster._new(a, cluster.disk[a])  # restarted, and the mesh has not reported b yet
     cluster.done[a].clear()
     request = cluster.peers[a].allocate("c2", "eth0", cluster.now)

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 from weaved.core import sleeve
@@ -88,11 +89,13 @@ def open_sleeve_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class TunHolder:
-    """The TUN descriptor a packet loop uses, and the ones it replaced (shared by both loops)."""
+class LoopBase:
+    """What both packet loops share: the TUN descriptor (and the ones it replaced), the stop flag, and the
+    guard that turns a bug in a packet thread into a counter instead of a dead data path."""
 
     def __init__(self, tun_fd: int) -> None:
         self._tun = tun_fd
+        self._stopping = False
         self._retired: list[int] = []
         """Descriptors of TUN devices that were deleted under us: closed only by :meth:`close`, because a
         packet thread may be writing to one at this moment (closing it could let the number be reused)."""
@@ -110,22 +113,32 @@ class TunHolder:
                 os.close(fd)
         self._retired.clear()
 
+    def _guarded(self, body: Callable[[], None], counts: Counter[str]) -> None:
+        """Run ``body`` until stopped; an exception costs ``internal_errors`` and ``body`` starts again."""
+        while not self._stopping:
+            try:
+                body()
+            except Exception:
+                if self._stopping:
+                    return
+                counts["internal_errors"] += 1
 
-class ThreadedLoop(TunHolder):
+
+class ThreadedLoop(LoopBase):
     """The plain, correct loop: one packet per syscall, two threads. See the module docstring."""
 
     def __init__(self, tun_fd: int, sock: socket.socket) -> None:
         super().__init__(tun_fd)
         self.table: ForwardingTable = EMPTY
         self._sock = sock
-        self._stopping = False
         self._threads: list[threading.Thread] = []
         self._out = Counter[str]()
         self._in = Counter[str]()
 
     def start(self) -> None:
-        for name, target in (("sleeve-out", self._outbound), ("sleeve-in", self._inbound)):
-            thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
+        for name, target, counts in (("sleeve-out", self._outbound, self._out),
+                                     ("sleeve-in", self._inbound, self._in)):
+            thread = threading.Thread(target=self._guarded, args=(target, counts), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -144,16 +157,6 @@ class ThreadedLoop(TunHolder):
         total = Counter(dict(self._out))
         total.update(dict(self._in))
         return dict(total)
-
-    def _guard(self, loop: object) -> None:
-        assert callable(loop)
-        while not self._stopping:
-            try:
-                loop()
-            except Exception:  # a bug must cost a counter, not the data path
-                if self._stopping:
-                    return
-                (self._out if threading.current_thread().name == "sleeve-out" else self._in)["internal_errors"] += 1
 
     # --- TUN → UDP --------------------------------------------------------------------------------
 

@@ -36,10 +36,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeAlias
 
-from weaved.adapters.sleeve import TunHolder
+from weaved.adapters.sleeve import LoopBase
 from weaved.core import sleeve, superframe
 from weaved.core.forwarding import EMPTY, ForwardingTable
 from weaved.core.sleeve import FrameError
@@ -67,8 +67,6 @@ SPIN_SECONDS = 200e-6
 DRAIN = 32
 """Packets taken from one descriptor before looking at the other, so neither direction starves."""
 POLL_TIMEOUT_MS = 500
-INITIAL_HEADERS = 52
-"""IPv4 + TCP with timestamps: what Linux TCP sends, so the first prediction is usually right."""
 
 
 class Gather:
@@ -103,7 +101,7 @@ class Gather:
         return found
 
 
-class OffloadLoop(TunHolder):
+class OffloadLoop(LoopBase):
     """See the module docstring. ``own_chunk`` is the biggest chunk our underlay carries (its MTU − 28)."""
 
     def __init__(self, tun_fd: int, sock: socket.socket, *, own_chunk: int = 1472) -> None:
@@ -111,7 +109,6 @@ class OffloadLoop(TunHolder):
         self.table: ForwardingTable = EMPTY
         self._sock = sock
         self._own_chunk = own_chunk
-        self._stopping = False
         self._thread: threading.Thread | None = None
         self._counts = Counter[str]()
         self._frame = 0
@@ -129,7 +126,8 @@ class OffloadLoop(TunHolder):
     # --- PacketLoop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._guard, name="sleeve", daemon=True)
+        self._thread = threading.Thread(target=self._guarded, args=(self._run, self._counts), name="sleeve",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -141,15 +139,6 @@ class OffloadLoop(TunHolder):
         return dict(self._counts)  # one C-level copy: atomic under the GIL
 
     # --- the thread ---------------------------------------------------------------------------------
-
-    def _guard(self) -> None:
-        while not self._stopping:
-            try:
-                self._run()
-            except Exception:  # a bug must cost a counter, not the data path
-                if self._stopping:
-                    return
-                self._counts["internal_errors"] += 1
 
     def _run(self) -> None:
         poller = select.poll()
@@ -504,7 +493,3 @@ class OffloadLoop(TunHolder):
         head = superframe.run_header(view[at + CHUNK_HEADER_SIZE:at + skip], index, 1, count, length - skip)
         return list(superframe.segments(head[:VNET_SIZE], head[VNET_SIZE:] + bytes(view[at + skip:at + length])))
 
-
-def offload_loop_factory(own_chunk: int) -> Callable[[int, socket.socket], OffloadLoop]:
-    """A ``loop_factory`` for :class:`weaved.adapters.datapath.Datapath`."""
-    return lambda tun_fd, sock: OffloadLoop(tun_fd, sock, own_chunk=own_chunk)

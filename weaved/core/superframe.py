@@ -293,8 +293,10 @@ def batch_words(count: int, size: int) -> struct.Struct:
 def is_whole_frame(buf: bytes | bytearray | memoryview, count: int, size: int) -> bool:
     """True when the ``count`` chunks of ``size`` bytes at the start of ``buf`` are exactly chunks
     ``0..count-1`` of one frame, in order."""
+    if count == 1:  # ACKs, UDP, ICMP: no Struct per datagram size
+        return bool(WORD.unpack_from(buf, WORD_OFFSET)[0] & 0xFFFF == 1)
     words = batch_words(count, size).unpack_from(buf, 0)
     first = words[0]
     if first & 0xFFFF != count:  # index 0 and this many chunks in the frame
         return False
-    return count == 1 or words == tuple(range(first, first + (count << 8), 256))
+    return bool(words == tuple(range(first, first + (count << 8), 256)))
