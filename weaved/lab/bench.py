@@ -1,7 +1,7 @@
 """``weaved lab bench``: the sleeve side by side with the underlay and kernel VXLAN, in one run.
 
-Builds its own 2-node lab (``weaved lab up``), plugs one pod namespace into each node's bridge (veth with
-the pod MTU and ``gso_max_size`` the CNI plugin gives), adds a kernel VXLAN between the two node
+Builds its own 2-node lab (``weaved lab up --pods-per-node 1``: one pod per node, made through the CNI
+plugin as a runtime makes it), adds a kernel VXLAN between the two node
 namespaces over the same underlay, and measures on each path, one after the other:
 
 * **underlay**: node n1 → node n2 on their 198.51.100.0/24 addresses;
@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from weaved.core import superframe
 from weaved.lab.plan import node_address, node_netns, switch_netns
 
 VXLAN_NET = "203.0.113"
@@ -82,46 +81,23 @@ class Row:
 
 @contextmanager
 def two_nodes(name: str) -> Iterator[dict[str, str]]:
-    """A 2-node lab with one pod per node and a VXLAN between the nodes; yields the addresses."""
-    pods: list[str] = []
+    """A 2-node lab with one pod per node, made by the CNI plugin as a runtime would, and a VXLAN between the
+    nodes; yields the pod MTU and each node's pod namespace and address."""
     try:
-        lab_cmd(name, "up", "--nodes", "2", "--pods-per-node", "0")
-        deadline = time.monotonic() + 60
-        while True:
-            report = json.loads(in_node(name, "n1", "weaved", "report"))
-            if report["datapath"]["state"] == "ready" and report["datapath"]["peers"] == 1:
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit("the data path did not become ready within 60 s")
-            time.sleep(0.5)
-        mtu = str(report["datapath"]["mtu"])
-        gso = str(superframe.tun_gso_max_size(int(mtu)))  # as the CNI plugin makes pod interfaces
-        ips = {}
-        for node, pod in (("n1", "pa"), ("n2", "pb")):
-            netns = f"{name}-{pod}"
-            cidr = in_node(name, node, "weaved", "ipam", "alloc", f"bench-{pod}").strip()
-            gateway = in_node(name, node, "weaved", "ipam", "gateway").strip().split("/")[0]
-            sh("ip", "netns", "add", netns)
-            pods.append(netns)
-            node_ns = node_netns(name, node)
-            sh("ip", "-n", node_ns, "link", "add", f"v{pod}", "mtu", mtu, "gso_max_size", gso, "type", "veth",
-               "peer", "name", "eth0", "netns", netns, "gso_max_size", gso)
-            sh("ip", "-n", node_ns, "link", "set", f"v{pod}", "master", "weave", "up")
-            sh("ip", "-n", netns, "link", "set", "lo", "up")
-            sh("ip", "-n", netns, "link", "set", "eth0", "mtu", mtu, "up")
-            sh("ip", "-n", netns, "addr", "add", cidr, "dev", "eth0")
-            sh("ip", "-n", netns, "route", "add", "default", "via", gateway)
-            ips[pod] = cidr.split("/")[0]
+        lab_cmd(name, "up", "--nodes", "2", "--pods-per-node", "1")
+        status = json.loads(lab_cmd(name, "status", "--json"))
+        pods = {p["node"]: p for p in status["pods"]}
+        report = json.loads(in_node(name, "n1", "weaved", "report"))
         for k, (node, other) in enumerate((("n1", "n2"), ("n2", "n1")), start=1):
             ns = node_netns(name, node)
             sh("ip", "-n", ns, "link", "add", "vxb", "type", "vxlan", "id", "42", "remote",
                str(node_address(other).ip), "dstport", "4789", "dev", "eth0")
             sh("ip", "-n", ns, "addr", "add", f"{VXLAN_NET}.{k}/24", "dev", "vxb")
             sh("ip", "-n", ns, "link", "set", "vxb", "mtu", "1450", "up")
-        yield {"mtu": mtu, **ips}
+        yield {"mtu": str(report["datapath"]["mtu"]),
+               **{f"{node}_ns": pods[node]["netns"] for node in ("n1", "n2")},
+               **{f"{node}_ip": pods[node]["address"].split("/")[0] for node in ("n1", "n2")}}
     finally:
-        for netns in pods:
-            sh("ip", "netns", "del", netns, check=False)
         sh(sys.executable, "-m", "weaved", "lab", "down", "--name", name, check=False, timeout=300)
 
 
@@ -150,11 +126,11 @@ def dropped(name: str) -> int:
 
 
 def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine spent not idle so far (all cores)."""
+    """CPU seconds the whole machine spent working so far (all cores): user, nice, system, irq and softirq;
+    idle, iowait and the time the hypervisor stole are not ours."""
     with open("/proc/stat") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in stat.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def iperf(path: Path, seconds: int, streams: int) -> tuple[float, int, float]:
@@ -240,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         paths = [
             Path("underlay veth", n2, n1, str(node_address("n2").ip)),
             Path("kernel VXLAN", n2, n1, f"{VXLAN_NET}.2"),
-            Path(f"weaved sleeve (pod MTU {ips['mtu']})", f"{name}-pb", f"{name}-pa", ips["pb"]),
+            Path(f"weaved sleeve (pod MTU {ips['mtu']})", ips["n2_ns"], ips["n1_ns"], ips["n2_ip"]),
         ]
         rows = [measure(path, args) for path in paths]
         lost = dropped(name) if args.loss else 0
