@@ -383,6 +383,22 @@ def test_a_request_waiting_for_a_reachable_donor_asks_as_soon_as_one_is_reachabl
     assert isinstance(done, Allocated) and cluster.peers[b].ring.owner_of(done.lease.address) == a
 
 
+def test_a_share_of_the_first_split_that_reaches_a_peer_that_left_goes_to_a_late_joiner() -> None:
+    """``c`` left before the ring was seeded; the seed list still gives it a share, which it must hand on.
+    The only live peer is ``d``, which joined late and owns nothing in the first split: that is not a peer
+    seen to leave (the slow stateful test found ``c`` keeping its share for good)."""
+    cluster = Cluster("10.32.0.0/27", 4, init="seed=" + ",".join(NAMES[:3]))
+    a, b, c, d = NAMES[:4]
+    cluster.peers[c].leave(cluster.now)
+    cluster.down = {a, b}
+    cluster.connect()
+    assert isinstance(cluster.allocate(d, "c1"), Allocated)  # seeds the ring: a, b and c get a share each
+    cluster.advance(10)
+    ring = cluster.peers[d].ring.state
+    assert ring.owned_count(c) == 0 and cluster.peers[c].ring.state == ring
+    assert d not in cluster.peers[c].leavers
+
+
 def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
     """Regression (found by tests/sim/test_ipam_stateful.py): a and b leave, c owns nothing. b's best heir
     was a (which had left and owns nothing, like c, and has the lower name), and a's was b again, for ever.

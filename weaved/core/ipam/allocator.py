@@ -525,9 +525,14 @@ class Allocator:
     def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
         owned_before = self.ring.state.owned_count(self.own)
         src_before = self.ring.state.owned_count(src) if src is not None else 0
+        was_seeded = self.ring.seeded
         result = self.ring.merge(remote)
         gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
-        if (src is not None and (src_before or gained) and remote.seeded and src not in remote.removed
+        # A peer seen to leave: it owned space in our view, or its ring handed us some, and it owns none
+        # now. Space that reaches us because the ring was seeded is no hand-over: a peer that joined late
+        # owns nothing in the first split, and must not be taken for a leaver (nor passed over as heir).
+        handed_us = gained and was_seeded
+        if (src is not None and (src_before or handed_us) and remote.seeded and src not in remote.removed
                 and not remote.owned_count(src)):
             self.leavers.add(src)  # before we pass anything on: never back to a peer that left
         if remote.seeded and self.seeder.state is not SeedState.READY:
