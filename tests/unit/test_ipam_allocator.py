@@ -7,6 +7,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 
 from weaved.core.ipam.allocator import (
@@ -16,8 +17,9 @@ from weaved.core.ipam.allocator import (
     Allocator,
     AllocError,
     Completion,
+    MsgKind,
 )
-from weaved.core.ipam.ring import AddressRange
+from weaved.core.ipam.ring import AddressRange, encode_ring
 from weaved.core.ipam.seeding import parse_init
 from weaved.core.types import PeerName, peer_name_from_bytes
 
@@ -36,6 +38,7 @@ class Cluster:
     down: set[PeerName] = field(default_factory=set)
     done: dict[PeerName, list[Completion]] = field(default_factory=dict)
     disk: dict[PeerName, bytes] = field(default_factory=dict)
+    restarts: int = 0
 
     def __post_init__(self) -> None:
         for name in NAMES[: self.count]:
@@ -45,7 +48,8 @@ class Cluster:
 
     def _new(self, name: PeerName, snapshot: bytes | None) -> Allocator:
         mode = parse_init(self.init, self.count)
-        return Allocator(name, AddressRange.from_cidr(self.cidr), mode, random.Random(NAMES.index(name)),
+        seed = NAMES.index(name) + 100 * self.restarts  # a new run: a new incarnation
+        return Allocator(name, AddressRange.from_cidr(self.cidr), mode, random.Random(seed),
                          timeout=10.0, snapshot=snapshot)
 
     def live(self) -> list[PeerName]:
@@ -95,6 +99,7 @@ class Cluster:
         raise AssertionError(f"allocation {cid} never finished")
 
     def crash_and_restart(self, name: PeerName) -> None:
+        self.restarts += 1
         self.peers[name] = self._new(name, self.disk.get(name))
         self.connect()
 
@@ -208,9 +213,11 @@ def test_rmpeer_returns_a_dead_peers_space_exactly_once() -> None:
 def test_malformed_messages_are_counted_not_fatal() -> None:
     cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
     a = cluster.peers[NAMES[0]]
-    for junk in (b"", b"\x92\x63\xc0", b"\x92\x01\x93\x01\x02\x03", b"\xff" * 20):
+    bad_incarnations = [msgpack.packb([int(MsgKind.LEFT_RING), b"", incarnation]) for incarnation in (-1, "x", 1 << 62)]
+    for junk in (b"", b"\x92\x63\xc0", b"\x92\x01\x93\x01\x02\x03", b"\xff" * 20, *bad_incarnations):
         a.receive(NAMES[1], junk, cluster.now)
-    assert sum(a.status().rejected.values()) >= 4
+    assert sum(a.status().rejected.values()) >= 7
+    assert a.status().rejected["bad-field"] >= 3 and a.leavers == set()  # refused before anything is learnt
     assert isinstance(cluster.allocate(NAMES[0], "c1"), Allocated)
 
 
@@ -402,7 +409,7 @@ def test_a_share_of_the_first_split_that_reaches_a_peer_that_left_goes_to_a_late
 def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
     """Regression (found by tests/sim/test_ipam_stateful.py): a and b leave, c owns nothing. b's best heir
     was a (which had left and owns nothing, like c, and has the lower name), and a's was b again, for ever.
-    A peer seen to leave (its ring shows it gave away all it owned) is now never picked as heir."""
+    A peer that left says so in every ring it sends (``LEFT_RING``), and is never picked as heir."""
     a, b, c = NAMES[:3]
     cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join([a, b]))  # c is in no seed: it owns nothing
     for name in (a, b, c):
@@ -418,3 +425,86 @@ def test_two_peers_that_leave_do_not_pass_a_range_back_and_forth() -> None:
     for name in (a, b, c):
         assert {o.name for o in cluster.peers[name].status().owners} == {c}
     assert cluster.peers[c].status().owned == 256
+    assert cluster.peers[c].leavers == {a, b} and not cluster.peers[a].leavers & {c}
+
+
+def test_a_stale_ring_from_a_peer_that_owned_nothing_does_not_mark_it_as_left() -> None:
+    """Regression (found by the slow stateful test): a ring ``c`` sent while it owned nothing arrives at
+    ``b`` late, after ``c`` got space. ``b`` took it for a ring that showed ``c`` leaving, so when ``b``
+    left with ``c`` as the only peer it could reach, it found no heir and kept its share for good.
+    Leavers are now learnt only from the ``LEFT_RING`` marker, never inferred from a ring's content."""
+    a, b, c = NAMES[:3]
+    cluster = Cluster("10.32.0.0/24", 3, init="seed=" + ",".join([a, b]))  # c is in no seed: it owns nothing
+    for name in (a, b, c):
+        cluster.peers[name].handle_timer(cluster.now)
+    cluster.pump()
+    stale = msgpack.packb([int(MsgKind.RING), encode_ring(cluster.peers[c].ring.state),
+                           cluster.peers[c].incarnation], use_bin_type=True)
+    assert isinstance(cluster.allocate(c, "c1"), Allocated)  # c gets space from a or b
+    assert cluster.peers[b].ring.state.owned_count(c) > 0
+    cluster.peers[b].receive(c, stale, cluster.now)  # the old ring, delayed and reordered
+    assert c not in cluster.peers[b].leavers
+    cluster.down = {a}
+    cluster.connect()
+    b_share = cluster.peers[b].status().owned
+    departure = cluster.peers[b].leave(cluster.now)
+    assert departure.heir == c
+    cluster.pump()
+    assert departure.confirmed and cluster.peers[b].status().owned == 0
+    assert cluster.peers[c].ring.state.owned_count(c) >= b_share
+
+
+def test_every_ring_a_peer_sends_after_it_left_marks_it_as_left() -> None:
+    """The receiver learns the departure from the message kind, before it merges the hand-over, so it
+    never hands the space back; a peer that never left is never marked."""
+    a, b = NAMES[:2]
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join([a, b]))
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.pump()
+    assert not cluster.peers[a].leavers and not cluster.peers[b].leavers
+    cluster.peers[a].release("c1", cluster.now)
+    cluster.peers[a].leave(cluster.now)
+    sent = cluster.peers[a].messages()
+    assert sent and all(msgpack.unpackb(payload)[0] == MsgKind.LEFT_RING for _, payload in sent)
+    for _, payload in sent:
+        cluster.peers[b].receive(a, payload, cluster.now)
+    assert cluster.peers[b].leavers == {a} and not cluster.peers[a].leavers
+
+
+def test_a_peer_that_left_and_was_restarted_can_be_heir_again() -> None:
+    """Regression (found by the slow stateful test): b left to a, then b was restarted and is a normal
+    peer again. a still took b for a leaver, so when a left with b as the only other peer, a found no
+    heir and kept its space for good. Leavers are known per incarnation, and a restart is a new one."""
+    a, b = NAMES[:2]
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join([a, b]))
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.pump()
+    assert cluster.peers[b].leave(cluster.now).heir == a
+    cluster.pump()
+    assert cluster.peers[a].leavers == {b}
+    cluster.crash_and_restart(b)
+    cluster.advance(RING_GOSSIP_INTERVAL * 2)  # b's new run gossips its ring
+    assert cluster.peers[a].leavers == set()
+    cluster.peers[a].release("c1", cluster.now)
+    departure = cluster.peers[a].leave(cluster.now)
+    assert departure.heir == b
+    cluster.pump()
+    assert departure.confirmed and cluster.peers[b].status().owned == 256
+
+
+def test_a_late_message_from_a_run_that_left_marks_the_peer_only_until_its_new_run_speaks() -> None:
+    a, b = NAMES[:2]
+    cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join([a, b]))
+    assert isinstance(cluster.allocate(a, "c1"), Allocated)
+    cluster.pump()
+    cluster.peers[b].leave(cluster.now)
+    cluster.disk[b] = cluster.peers[b].snapshot()  # the durability rule: on disk before anything is sent
+    late = [payload for _, payload in cluster.peers[b].messages()]
+    assert late and all(msgpack.unpackb(p)[0] == MsgKind.LEFT_RING for p in late)
+    cluster.crash_and_restart(b)
+    cluster.advance(RING_GOSSIP_INTERVAL * 2)
+    assert cluster.peers[a].leavers == set()
+    cluster.peers[a].receive(b, late[0], cluster.now)  # the old run's hand-over, delayed
+    assert cluster.peers[a].leavers == {b}
+    cluster.advance(RING_GOSSIP_INTERVAL * 2)
+    assert cluster.peers[a].leavers == set()

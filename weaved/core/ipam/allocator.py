@@ -30,8 +30,10 @@ over no leases: the heir would give those addresses out again) unless forced. Af
 claims and rmpeer are refused with ``left``. The peer's name is not tombstoned: restarted, it owns nothing
 and asks for space like a new peer. A plain stop or restart hands nothing over.
 
-Messages (msgpack ``[kind, body]``; kinds are append-only): ``RING`` (the whole ring state, to one
-peer or to all), ``PAXOS`` (seeding votes), ``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring).
+Messages (msgpack ``[kind, body, incarnation]``; kinds are append-only; the incarnation is random per
+run of the sender): ``RING`` (the whole ring state, to one peer or to all), ``PAXOS`` (seeding votes),
+``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring), ``LEFT_RING`` (a ring from a run that left:
+never pick it as heir).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ the peers that have nothing to give in turn, as fast as the network carries the 
 test (tests/sim/test_ipam_stateful.py) found that message storm."""
 MAX_CONTAINER_ID = 256
 MAX_IFNAME = 16
+INCARNATION_BITS = 62
+"""Random per run: two runs of one peer share one with odds of 2**-62."""
 
 
 class MsgKind(IntEnum):
@@ -80,6 +84,8 @@ class MsgKind(IntEnum):
     PAXOS = 2
     SPACE_REQUEST = 3
     SPACE_DENIED = 4
+    LEFT_RING = 5
+    """A RING from a peer that has left the ring: the receiver never hands it space again."""
 
 
 class AllocError(Exception):
@@ -191,11 +197,13 @@ class Allocator:
         """Donors that said no or did not answer, and until when we do not ask them again."""
         self.departure: Departure | None = None
         """Set once we left the ring for good (:meth:`leave`); kept in memory only (see the module doc)."""
-        self.leavers: set[PeerName] = set()
-        """Peers seen to leave: a ring from a peer that owned space in our view, or that handed us space,
-        showing it owns nothing now. A donor keeps its last address and a removed peer is tombstoned, so
-        nothing else looks like that. Never picked as heir: two peers that left would otherwise pass ranges
-        back and forth for ever (the stateful test found that). Grows only; kept in memory only."""
+        self.incarnation = rng.getrandbits(INCARNATION_BITS)
+        """This run of the peer: a restarted peer is a new incarnation, one that may have left or not.
+        Every message carries it, so that a peer that left and came back is no leaver any more."""
+        self._left_incarnations: dict[PeerName, set[int]] = {}
+        """Per peer, the incarnations that sent ``LEFT_RING``: those runs left for good. Memory only."""
+        self._latest_incarnation: dict[PeerName, int] = {}
+        """Per peer, the incarnation of the last message it sent us."""
         self._next_gossip: float | None = None
         self.dirty = False
         self.rejected: Counter[str] = Counter()
@@ -343,8 +351,8 @@ class Allocator:
         (:attr:`leavers`); an owner of space first (it is staying), then anyone; the lowest name among
         equals. ``None`` when nobody qualifies: the ranges wait here and the hand-over is retried.
 
-        Why passing among leavers ends: every hand-over from a leaver reaches its taker with the giver
-        owning nothing, so the taker learns it left and never hands it anything back; the leavers each
+        Why passing among leavers ends: every hand-over from a leaver comes as a ``LEFT_RING``, so the
+        taker learns it left before it takes anything and never hands anything back; the leavers each
         peer knows only grow, and there are finitely many peers."""
         skip = {self.own, *self.ring.state.removed, *self.leavers}
         reachable = sorted(p for p in self._reachable if p not in skip)
@@ -379,13 +387,31 @@ class Allocator:
         if joined and self._pending and self._asked is None and self.ring.seeded and self.departure is None:
             self._serve(now)
 
+    @property
+    def leavers(self) -> set[PeerName]:
+        """Peers whose latest incarnation we heard from left the ring: never picked as heir, or two peers
+        that left would pass ranges back and forth for ever (the stateful test found that).
+
+        Learnt only from the ``LEFT_RING`` marker, never inferred from a ring's content: an old ring from
+        a peer that owned nothing then looks just like a leaver's. Keyed by incarnation because a peer
+        that left and was restarted is a normal peer again; if a leaver kept it marked, a later leaver
+        that reaches only that peer would find no heir and keep its space for good (the slow stateful
+        test found that too). A late message from an older incarnation can flip the answer until the
+        current one's next message (periodic gossip) flips it back: it only changes whom we pick."""
+        return {peer for peer, incarnation in self._latest_incarnation.items()
+                if incarnation in self._left_incarnations.get(peer, ())}
+
     def receive(self, src: PeerName, payload: bytes, now: float) -> None:
         """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
         self._schedule_gossip(now)
         try:
-            kind, body = self._decode(payload)
-            if kind is MsgKind.RING or kind is MsgKind.SPACE_DENIED:
-                self._merge_ring(decode_ring(body), now, src if kind is MsgKind.RING else None)
+            kind, body, incarnation = self._decode(payload)
+            if incarnation is not None:
+                self._latest_incarnation[src] = incarnation
+                if kind is MsgKind.LEFT_RING:  # before the merge: what it hands us must never go back
+                    self._left_incarnations.setdefault(src, set()).add(incarnation)
+            if kind in (MsgKind.RING, MsgKind.LEFT_RING, MsgKind.SPACE_DENIED):
+                self._merge_ring(decode_ring(body), now, None if kind is MsgKind.SPACE_DENIED else src)
                 if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
                     self._asked = None
                     self._denied[src] = now + SPACE_REQUEST_TIMEOUT
@@ -495,7 +521,9 @@ class Allocator:
     def _unreachable(self) -> set[PeerName]:
         return {o for o in self.ring.state.owners() if o != self.own and o not in self._reachable}
 
-    def _decode(self, payload: bytes) -> tuple[MsgKind, Any]:
+    def _decode(self, payload: bytes) -> tuple[MsgKind, Any, int | None]:
+        """``[kind, body, incarnation]``; ``[kind, body]`` (no incarnation: nothing learnt about leaving)
+        is still taken, as the first version sent it."""
         if len(payload) > 4 << 20:
             raise AllocError("too-large", f"{len(payload)} bytes")
         try:
@@ -503,19 +531,29 @@ class Allocator:
                                   max_ext_len=0, max_array_len=1 << 16)
         except Exception:
             raise AllocError("not-msgpack", "undecodable IPAM message") from None
-        if not (isinstance(raw, list) and len(raw) == 2 and type(raw[0]) is int):
+        if not (isinstance(raw, list) and len(raw) in (2, 3) and type(raw[0]) is int):
             raise AllocError("bad-field", "IPAM envelope")
+        incarnation = raw[2] if len(raw) == 3 else None
+        if incarnation is not None and not (type(incarnation) is int and 0 <= incarnation < 1 << INCARNATION_BITS):
+            raise AllocError("bad-field", "IPAM incarnation")
         try:
-            return MsgKind(raw[0]), raw[1]
+            return MsgKind(raw[0]), raw[1], incarnation
         except ValueError:
             raise AllocError("unknown-kind", str(raw[0])) from None
 
     def _send(self, dst: PeerName | None, kind: MsgKind, body: Any) -> None:
-        self._out.append((dst, msgpack.packb([int(kind), body], use_bin_type=True)))
+        self._out.append((dst, msgpack.packb([int(kind), body, self.incarnation], use_bin_type=True)))
 
     def _send_ring(self, dst: PeerName | None) -> None:
+        """Our ring; once we left, every copy says so (``LEFT_RING``), so that nobody picks us as heir.
+
+        Why a marker and not an inference from the ring ("it owns nothing now"): rings arrive late and
+        out of order, and an old ring from a peer that owned nothing then looks just like a leaver's.
+        The slow stateful test found a peer that left mark its only live heir that way, and keep its
+        ranges for ever."""
         if self.ring.seeded or self.ring.state.removed:
-            self._send(dst, MsgKind.RING, encode_ring(self.ring.state))
+            kind = MsgKind.RING if self.departure is None else MsgKind.LEFT_RING
+            self._send(dst, kind, encode_ring(self.ring.state))
 
     def _send_paxos(self, dst: PeerName | None) -> None:
         paxos = self.seeder.gossip()
@@ -524,17 +562,8 @@ class Allocator:
 
     def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
         owned_before = self.ring.state.owned_count(self.own)
-        src_before = self.ring.state.owned_count(src) if src is not None else 0
-        was_seeded = self.ring.seeded
         result = self.ring.merge(remote)
         gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
-        # A peer seen to leave: it owned space in our view, or its ring handed us some, and it owns none
-        # now. Space that reaches us because the ring was seeded is no hand-over: a peer that joined late
-        # owns nothing in the first split, and must not be taken for a leaver (nor passed over as heir).
-        handed_us = gained and was_seeded
-        if (src is not None and (src_before or handed_us) and remote.seeded and src not in remote.removed
-                and not remote.owned_count(src)):
-            self.leavers.add(src)  # before we pass anything on: never back to a peer that left
         if remote.seeded and self.seeder.state is not SeedState.READY:
             self.seeder.adopt(self.ring.state)
         if result.changed:
