@@ -214,9 +214,10 @@ def test_malformed_messages_are_counted_not_fatal() -> None:
     cluster = Cluster("10.32.0.0/24", 2, init="seed=" + ",".join(NAMES[:2]))
     a = cluster.peers[NAMES[0]]
     bad_incarnations = [msgpack.packb([int(MsgKind.LEFT_RING), b"", incarnation]) for incarnation in (-1, "x", 1 << 62)]
-    for junk in (b"", b"\x92\x63\xc0", b"\x92\x01\x93\x01\x02\x03", b"\xff" * 20, *bad_incarnations):
+    bad_left_ring = msgpack.packb([int(MsgKind.LEFT_RING), b"not a ring", 7])  # a fine run, a broken body
+    for junk in (b"", b"\x92\x63\xc0", b"\x92\x01\x93\x01\x02\x03", b"\xff" * 20, *bad_incarnations, bad_left_ring):
         a.receive(NAMES[1], junk, cluster.now)
-    assert sum(a.status().rejected.values()) >= 7
+    assert sum(a.status().rejected.values()) >= 8
     assert a.status().rejected["bad-field"] >= 3 and a.leavers == set()  # refused before anything is learnt
     assert isinstance(cluster.allocate(NAMES[0], "c1"), Allocated)
 

@@ -353,7 +353,7 @@ class Allocator:
 
         Why passing among leavers ends: every hand-over from a leaver comes as a ``LEFT_RING``, so the
         taker learns it left before it takes anything and never hands anything back; the leavers each
-        peer knows only grow, and there are finitely many peers."""
+        peer knows only grow while their runs last, and there are finitely many peers."""
         skip = {self.own, *self.ring.state.removed, *self.leavers}
         reachable = sorted(p for p in self._reachable if p not in skip)
         owners = self.ring.state.owners()
@@ -406,22 +406,30 @@ class Allocator:
         self._schedule_gossip(now)
         try:
             kind, body, incarnation = self._decode(payload)
-            if incarnation is not None:
-                self._latest_incarnation[src] = incarnation
-                if kind is MsgKind.LEFT_RING:  # before the merge: what it hands us must never go back
-                    self._left_incarnations.setdefault(src, set()).add(incarnation)
             if kind in (MsgKind.RING, MsgKind.LEFT_RING, MsgKind.SPACE_DENIED):
-                self._merge_ring(decode_ring(body), now, None if kind is MsgKind.SPACE_DENIED else src)
+                remote = decode_ring(body)  # a malformed ring teaches nothing, not even that its sender left
+                self._note_run(src, kind, incarnation)  # before the merge: what a leaver hands us stays here
+                self._merge_ring(remote, now, None if kind is MsgKind.SPACE_DENIED else src)
                 if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
                     self._asked = None
                     self._denied[src] = now + SPACE_REQUEST_TIMEOUT
                     self._serve(now)
             elif kind is MsgKind.PAXOS:
                 self._receive_paxos(decode_paxos(body), now)
+                self._note_run(src, kind, incarnation)
             elif kind is MsgKind.SPACE_REQUEST:
+                self._note_run(src, kind, incarnation)
                 self._donate(src, now)
         except (RingError, SeedingError, AllocError) as err:
             self.rejected[getattr(err, "reason", getattr(err, "code", "error"))] += 1
+
+    def _note_run(self, src: PeerName, kind: MsgKind, incarnation: int | None) -> None:
+        """Which run of ``src`` spoke last, and whether that run left (see :attr:`leavers`)."""
+        if incarnation is None:
+            return
+        self._latest_incarnation[src] = incarnation
+        if kind is MsgKind.LEFT_RING:
+            self._left_incarnations.setdefault(src, set()).add(incarnation)
 
     def handle_timer(self, now: float) -> None:
         self._schedule_gossip(now)
