@@ -22,10 +22,14 @@ RUN gcc -static -Os -Wall -Wextra -o weave-net cni/weave-net.c \
  && echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION ./weave-net | grep -q supportedVersions
 
 FROM ${PYTHON_IMAGE} AS wheels
+# gcc builds the sleeve's C hot loop into the weaved wheel (setup.py); the final stage needs no compiler.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY docker/requirements.txt docker/requirements.txt
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels -r docker/requirements.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY weaved weaved
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
@@ -39,7 +43,7 @@ RUN apt-get update \
 COPY --from=wheels /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-index --no-deps /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels \
- && python -c "import weaved.adapters.daemon, weaved.k8s.agent"
+ && python -c "import weaved.adapters.daemon, weaved.k8s.agent; from weaved.adapters import _sleevepump"
 COPY --from=cni /src/weave-net /usr/local/lib/weaved/weave-net
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 6783/udp 6782/tcp

@@ -20,6 +20,9 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)  # validates docker-compose.yml offline
 # The CNI forwarder is C, built static here (build/weave-net).
 command -v gcc >/dev/null || need_apt+=(gcc)
+# The sleeve's C hot loop is a CPython extension: the headers of the Python the venv is made from.
+python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+  2>/dev/null || need_apt+=(python3-dev)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || need_apt+=(libc6-dev)
 # Real CNI clients and reference plugins for tests/cni (see docs/cni.md).
 command -v containerd >/dev/null || need_apt+=(containerd)
@@ -53,7 +56,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras="${WEAVED_EXTRAS:-}"
 stamp=".venv/.weaved-installed${extras:+-$extras}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# setup.py and the C hot loop too: the editable install compiles weaved/adapters/_sleevepump.c in place.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ weaved/adapters/_sleevepump.c -nt "$stamp" ] || ! ls weaved/adapters/_sleevepump*.so >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
   touch "$stamp"

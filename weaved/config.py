@@ -105,6 +105,9 @@ class Settings:
     offload: bool = True
     """The fast sleeve: virtio headers, TSO super-packets, UDP GSO/GRO (``--no-offload``/``WEAVE_NO_OFFLOAD=1``
     turn it off: one packet per datagram, for kernels without them; peers negotiate, so both kinds mix)."""
+    native: bool = True
+    """The offload sleeve's C hot loop, when it was built (``--no-native``/``WEAVE_NO_NATIVE=1``: the Python
+    loop alone, same behaviour, more CPU per byte; for comparison and as a way out of a fault in the C)."""
     no_masq_local: bool = True
     """``NO_MASQ_LOCAL`` (Weave's default since 2.7): traffic from outside the pod range to this node's own
     pods keeps its source address (what ``externalTrafficPolicy: Local`` needs); off, it is masqueraded."""
@@ -312,6 +315,7 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
             raise ConfigError(f"--mtu/WEAVE_MTU: {mtu} out of range {MTU_MIN}-{MTU_MAX}")
     no_datapath = _bool_setting(True if flags.get("no_datapath") else None, env, "WEAVE_NO_DATAPATH", False)
     no_offload = _bool_setting(True if flags.get("no_offload") else None, env, "WEAVE_NO_OFFLOAD", False)
+    no_native = _bool_setting(True if flags.get("no_native") else None, env, "WEAVE_NO_NATIVE", False)
     return Settings(
         peers=unique_peers,
         port=port,
@@ -333,6 +337,7 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         sleeve_port=sleeve_port,
         mtu=mtu,
         offload=not no_offload,
+        native=not no_native,
         no_masq_local=_bool_setting(None, env, "NO_MASQ_LOCAL", True),
     )
 
@@ -390,3 +395,5 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-offload", action="store_true", default=None,
                         help="sleeve without virtio headers, TSO and UDP GSO/GRO: one packet per datagram "
                              "(WEAVE_NO_OFFLOAD=1)")
+    parser.add_argument("--no-native", action="store_true", default=None,
+                        help="offload sleeve in Python alone, without its C hot loop (WEAVE_NO_NATIVE=1)")

@@ -97,8 +97,8 @@ def datapath_rows(report: DatapathReport) -> list[tuple[str, str]]:
         ("Sent", f"{c.get('tx_packets', 0)} packets, {c.get('tx_bytes', 0)} bytes"),
         ("Received", f"{c.get('rx_packets', 0)} packets, {c.get('rx_bytes', 0)} bytes"),
         ("Relayed", f"{c.get('relayed_packets', 0)} packets, {c.get('relayed_bytes', 0)} bytes"),
-        ("Mode", f"{report.mode}" + (f", {report.offload_peers} of {report.peers} neighbours negotiated offload"
-                                      if report.mode == "offload" else "")),
+        ("Mode", f"{report.mode}" + (f", {report.hot_loop} hot loop, {report.offload_peers} of {report.peers} "
+                                      "neighbours negotiated offload" if report.mode == "offload" else "")),
         ("Super-packets", f"sent {c.get('tx_superpackets', 0)} in {c.get('tx_chunks', 0)} chunks, received "
                           f"{c.get('rx_superpackets', 0)} in {c.get('rx_chunks', 0)} chunks, "
                           f"{c.get('rx_partial_runs', 0)} incomplete-frame runs, "

@@ -3,6 +3,9 @@
 the peers. Chunks are sent one by one, shuffled, with gaps, as one GSO batch, and malformed; what comes out
 of the "TUN" is judged by scapy's checksums after the segmentation the receiving kernel would do.
 
+Every test runs twice: with the C pump carrying the common cases (``c-pump``, when it was built) and with
+the Python loop alone (``python``); both must give the same bytes on the wire and in the TUN.
+
 The real TUN, offloads and kernel routing are exercised by ``tests/netns/test_sleeve_fast.py``.
 """
 
@@ -16,6 +19,7 @@ import pytest
 from scapy.all import IP, TCP, UDP, Raw
 
 from tests.adapters.conftest import until
+from weaved.adapters import sleeve_native
 from weaved.adapters.sleeve_offload import SOL_UDP, UDP_SEGMENT, OffloadLoop
 from weaved.adapters.udp import open_control_socket
 from weaved.core import sleeve, superframe
@@ -69,7 +73,7 @@ def payload_of(packets: list[bytes]) -> bytes:
 
 
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, native: bool) -> None:
         self.tun_peer, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         tun.setblocking(False)
         self._tun = tun
@@ -80,7 +84,8 @@ class Rig:
         self.plain.bind(("127.0.0.1", 0))
         for s in (self.near, self.plain, self.tun_peer):
             s.settimeout(2)
-        self.loop = OffloadLoop(tun.fileno(), self.sock, own_chunk=1472)
+        self.loop = OffloadLoop(tun.fileno(), self.sock, own_chunk=1472, native=native)
+        assert self.loop.native == native
         segments: list[tuple[int, int, PeerName]] = [
             (RANGE.start, RANGE.start + (1 << 19), OWN),
             (RANGE.start + (1 << 19), RANGE.start + (3 << 18), NEAR),
@@ -101,11 +106,18 @@ class Rig:
             s.close()
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = Rig()
+@pytest.fixture(params=[True, False], ids=["c-pump", "python"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    if request.param and not sleeve_native.AVAILABLE:
+        pytest.fail("the C pump was not built (setup.py: a C compiler and the Python headers are needed)")
+    r = Rig(request.param)
     yield r
     r.close()
+
+
+def native_count(rig: Rig, name: str) -> int:
+    """How many packets the C pump handled itself (0 on the Python loop, where nothing is native)."""
+    return rig.loop.counters().get(name, 0)
 
 
 PAYLOAD = bytes((i * 13) % 256 for i in range(3500))
@@ -120,6 +132,14 @@ def test_a_super_packet_leaves_as_chunks_one_inner_segment_each(rig: Rig) -> Non
         assert (ttl, src, dst, i, count) == (sleeve.DEFAULT_TTL, 11, 22, index, 4)
         assert chunk[PREFIX + 52:] == PAYLOAD[index * MSS:(index + 1) * MSS]
     until(lambda: rig.loop.counters().get("tx_chunks") == 4, "counted")
+    assert native_count(rig, "native_tx_packets") == (1 if rig.loop.native else 0)
+
+
+def test_a_super_packet_of_one_segment_leaves_whole(rig: Rig) -> None:
+    rig.tun_peer.send(super_packet(OWN_POD, NEAR_POD, PAYLOAD[:MSS]))
+    chunk = rig.near.recv(70000)
+    assert superframe.decode_chunk(chunk, 0, len(chunk))[4:] == (0, 1)
+    assert chunk[PREFIX:] == super_packet(OWN_POD, NEAR_POD, PAYLOAD[:MSS])[VNET_SIZE:]
 
 
 def test_a_peer_without_offloads_gets_finished_segments(rig: Rig) -> None:
@@ -156,6 +176,7 @@ def test_a_gso_batch_takes_the_fast_path(rig: Rig) -> None:
     assert out == original
     until(lambda: rig.loop.counters().get("rx_superpackets") == 1, "delivered as one super-packet")
     assert rig.loop.counters().get("rx_partial_runs", 0) == 0
+    assert native_count(rig, "native_rx_packets") == (1 if rig.loop.native else 0)
 
 
 def test_reordered_and_lost_chunks_cost_only_their_own_segments(rig: Rig) -> None:
@@ -190,3 +211,34 @@ def test_plain_frames_are_taken_and_malformed_chunks_dropped_by_reason(rig: Rig)
     rig.near.sendto(sleeve.encode(inner, 22, 11), rig.address)
     assert rig.delivered(1) == [ZERO_VNET + inner]  # everything between was dropped
     until(lambda: all(rig.loop.counters().get(f"drop_udp_{r}", 0) == 1 for r in cases), "each drop counted")
+
+
+def test_the_packed_table_is_what_the_pump_reads() -> None:
+    """The layout both sides agree on: the pump takes the packed table and refuses anything else."""
+    if not sleeve_native.AVAILABLE:
+        pytest.fail("the C pump was not built (setup.py: a C compiler and the Python headers are needed)")
+    from weaved.adapters import _sleevepump
+
+    assert _sleevepump.TABLE_MAGIC == sleeve_native.TABLE_MAGIC
+    segments: list[tuple[int, int, PeerName]] = [
+        (RANGE.start, RANGE.start + 100, OWN), (RANGE.start + 100, RANGE.start + 200, NEAR),
+        (RANGE.start + 200, RANGE.end, PLAIN)]
+    near_at, plain_at = Endpoint("127.0.0.1", 7001), Endpoint("127.0.0.1", 7002)
+    table = build(OWN, SHORT, segments, {NEAR: NEAR, PLAIN: PLAIN}, {NEAR: near_at, PLAIN: plain_at}, {NEAR: 9000})
+    blob = sleeve_native.pack_table(table, own_chunk=1472)
+    head = sleeve_native.HEAD.unpack_from(blob)
+    assert head[:4] == (sleeve_native.TABLE_MAGIC, 11, 3, 2)
+    assert all(head[4][sid >> 3] >> (sid & 7) & 1 for sid in (11, 22, 33))
+    rows = [sleeve_native.SEGMENT.unpack_from(blob, sleeve_native.HEAD.size + i * sleeve_native.SEGMENT.size)
+            for i in range(3)]
+    assert rows[0][-1] == 0  # our own range: a drop reason, decided in Python
+    assert rows[1] == (RANGE.start + 100, RANGE.start + 200, socket.inet_aton("127.0.0.1"), 7001, 22, 1472, 1)
+    assert rows[2][5:] == (0, 1)  # a version-1 peer: routable, but no chunks (the Python path segments)
+    assert len(blob) == sleeve_native.HEAD.size + 3 * sleeve_native.SEGMENT.size + 2 * sleeve_native.SENDER.size
+    pump = _sleevepump.Pump(bytearray(superframe.VNET_SIZE + 65_535), bytearray(1 << 17))
+    pump.set_table(blob)
+    for bad in (blob[:-1], blob + b"\0", b"\0" * len(blob), b""):
+        with pytest.raises(ValueError, match="not a packed forwarding table"):
+            pump.set_table(bad)
+    with pytest.raises(ValueError, match="buffers too small"):
+        _sleevepump.Pump(bytearray(100), bytearray(1 << 17))

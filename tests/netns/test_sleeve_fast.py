@@ -11,6 +11,7 @@ checksum in software from what the sleeve delivered, and the pod verifies it (``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -159,7 +160,7 @@ def test_offload_is_negotiated_per_peer(world: World) -> None:
     assert "vnet_hdr on" in tun
     assert "vnet_hdr off" in sh("ip", "-n", world.node_ns("n3"), "-d", "link", "show", "weave-tun").stdout
     status = world.lab.exec("n1", "weaved", "status", check=True).stdout
-    assert "Mode: offload, 1 of 2 neighbours negotiated offload" in status
+    assert "Mode: offload, C hot loop, 1 of 2 neighbours negotiated offload" in status
 
 
 def test_tcp_bulk_crosses_as_super_packets_and_arrives_intact(world: World) -> None:
@@ -237,8 +238,9 @@ def test_a_node_without_offloads_gets_finished_segments(world: World) -> None:
         assert sent == received
 
 
-def test_lab_bench_measures_all_three_paths_and_leaves_nothing() -> None:
-    """``weaved lab bench`` end to end, short: the table has its three rows and the lab is gone after."""
+def test_lab_bench_measures_every_path_and_leaves_nothing() -> None:
+    """``weaved lab bench`` end to end, short: the table has its four rows (the sleeve with and without its
+    C hot loop), the C loop carried the traffic in its row, and the lab is gone after."""
     if daemon_missing():
         pytest.skip(daemon_missing() or "")
     for tool in ("iperf3", "ethtool"):
@@ -251,8 +253,10 @@ def test_lab_bench_measures_all_three_paths_and_leaves_nothing() -> None:
                               "--pings", "5", "--loss", "1"], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
         rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "Gbit/s" not in line]
-        assert [r.split("|")[1].strip().split(" (")[0] for r in rows] == ["underlay veth", "kernel VXLAN",
-                                                                          "weaved sleeve"]
+        assert [r.split("|")[1].strip().split(" (")[0] for r in rows] == [
+            "underlay veth", "kernel VXLAN", "**weaved sleeve**, C hot loop", "weaved sleeve, Python loop"]
         assert "dropped in all" in out.stdout and "rx_superpackets=" in out.stdout
+        native = re.search(r"native_rx_packets=([\d,]+)", out.stdout)
+        assert native is not None and int(native.group(1).replace(",", "")) > 0, out.stdout
     finally:
         teardown_and_check(Lab(name), before)

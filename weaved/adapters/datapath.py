@@ -112,6 +112,7 @@ class Datapath:
             peers=loop.table.peers if loop is not None else 0, routes=self._routes, counters=counters,
             mode="offload" if self._settings.offload else "plain",
             offload_peers=len(loop.table.chunk_limits) if loop is not None and self._settings.offload else 0,
+            hot_loop="C" if isinstance(loop, OffloadLoop) and loop.native else "python",
         )
 
     # --- pump side --------------------------------------------------------------------------------
@@ -161,16 +162,17 @@ class Datapath:
         if self._loop_factory is not None:
             loop = self._loop = self._loop_factory(tun_fd, sock)
         elif offload:
-            loop = self._loop = OffloadLoop(tun_fd, sock, own_chunk=own_chunk)
+            loop = self._loop = OffloadLoop(tun_fd, sock, own_chunk=own_chunk, native=self._settings.native)
         else:
             loop = self._loop = ThreadedLoop(tun_fd, sock)
         try:
             loop.start()
             self.refresh()
             task_status.started()
+            hot_loop = "C" if isinstance(loop, OffloadLoop) and loop.native else "Python"
             self._log.info("sleeve started", tun=TUN, port=self._settings.sleeve_port,
-                           mode=f"offload (vnet, TSO, UDP GSO/GRO, chunks of {own_chunk} B)" if offload
-                           else "plain (one packet per datagram)")
+                           mode=f"offload (vnet, TSO, UDP GSO/GRO, chunks of {own_chunk} B, {hot_loop} hot loop)"
+                           if offload else "plain (one packet per datagram)")
             self._gateway = await self._await_gateway()
             while True:
                 await self._keep()

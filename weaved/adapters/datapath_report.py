@@ -41,6 +41,8 @@ class DatapathReport:
     """``offload`` (virtio headers, TSO, UDP GSO/GRO) or ``plain`` (one packet per datagram)."""
     offload_peers: int = 0
     """Neighbours that negotiated version-2 frames (``sleeve-gso``); the others get plain frames."""
+    hot_loop: str = "python"
+    """``C`` when the offload sleeve's C pump carries the common cases, else ``python``."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -166,6 +166,13 @@ class DatapathCollector(Collector):
                                   "peer without offloads.", value=c.get("tx_segmented", 0))
         yield GaugeMetricFamily("weave_sleeve_offload_peers", "Neighbours that negotiated offload (version-2) "
                                 "frames.", value=report.offload_peers)
+        yield GaugeMetricFamily("weave_sleeve_native", "1 when the C hot loop carries the sleeve's common cases, "
+                                "0 when Python does it all.", value=1 if report.hot_loop == "C" else 0)
+        native = CounterMetricFamily("weave_sleeve_native_packets", "Packets the C hot loop handled without "
+                                     "Python, by direction.", labels=["direction"])
+        for direction in ("tx", "rx"):
+            native.add_metric([direction], c.get(f"native_{direction}_packets", 0))
+        yield native
         yield GaugeMetricFamily("weave_sleeve_routed_peers", "Remote peers the sleeve has a route to.",
                                 value=report.peers)
         yield GaugeMetricFamily("weave_pod_mtu", "MTU given to pod interfaces (0 until known).",

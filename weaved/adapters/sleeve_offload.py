@@ -23,6 +23,12 @@ One thread, not two: after writing a packet into the TUN the answer (a TCP ACK, 
 comes back out of the TUN microseconds later, so the thread keeps polling both descriptors without
 sleeping for :data:`SPIN_SECONDS` after the last packet, and a request/response costs no extra wake-up.
 Everything a peer can send is dropped and counted by reason, never raised.
+
+The C pump (:mod:`weaved.adapters.sleeve_native`), when it was built, runs this same loop without the GIL
+and takes the two common cases itself: a packet for a neighbour that takes version-2 chunks, and a
+datagram or GRO batch that is one whole frame for us. It hands everything else to :meth:`OffloadLoop._outbound`
+and :meth:`OffloadLoop._inbound` in the same buffers, so this module stays the one definition of what
+the sleeve does; the pump only makes the common case cheaper (``native=False`` runs Python alone).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TypeAlias
 
+from weaved.adapters import sleeve_native
 from weaved.adapters.sleeve import LoopBase
 from weaved.core import sleeve, superframe
 from weaved.core.forwarding import EMPTY, ForwardingTable
@@ -102,11 +109,12 @@ class Gather:
 
 
 class OffloadLoop(LoopBase):
-    """See the module docstring. ``own_chunk`` is the biggest chunk our underlay carries (its MTU − 28)."""
+    """See the module docstring. ``own_chunk`` is the biggest chunk our underlay carries (its MTU − 28);
+    ``native``: use the C pump when it was built."""
 
-    def __init__(self, tun_fd: int, sock: socket.socket, *, own_chunk: int = 1472) -> None:
+    def __init__(self, tun_fd: int, sock: socket.socket, *, own_chunk: int = 1472, native: bool = True) -> None:
         super().__init__(tun_fd)
-        self.table: ForwardingTable = EMPTY
+        self._table: ForwardingTable = EMPTY
         self._sock = sock
         self._own_chunk = own_chunk
         self._thread: threading.Thread | None = None
@@ -122,6 +130,22 @@ class OffloadLoop(LoopBase):
         self._scatter: dict[tuple[int, int], list[memoryview]] = {}
         """(chunk size, inner headers) → the slices of a whole frame's payloads in the receive buffer."""
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        self._pump = sleeve_native.new_pump(self._read, self._rx) if native else None
+
+    @property
+    def native(self) -> bool:
+        """True when the C pump carries the common cases (see the module docstring)."""
+        return self._pump is not None
+
+    @property
+    def table(self) -> ForwardingTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: ForwardingTable) -> None:
+        self._table = table
+        if self._pump is not None:
+            self._pump.set_table(sleeve_native.pack_table(table, self._own_chunk))
 
     # --- PacketLoop ---------------------------------------------------------------------------------
 
@@ -132,15 +156,29 @@ class OffloadLoop(LoopBase):
 
     def stop(self) -> None:
         self._stopping = True
+        if self._pump is not None:
+            self._pump.interrupt()
         if self._thread is not None:
             self._thread.join(timeout=2 * POLL_TIMEOUT_MS / 1000)
 
+    def reattach(self, tun_fd: int) -> None:
+        super().reattach(tun_fd)
+        if self._pump is not None:
+            self._pump.interrupt()  # run() returns and is called again with the new descriptor
+
     def counters(self) -> dict[str, int]:
-        return dict(self._counts)  # one C-level copy: atomic under the GIL
+        counts = Counter(dict(self._counts))  # one C-level copy: atomic under the GIL
+        if self._pump is not None:
+            counts.update(self._pump.counters())
+        return dict(counts)
 
     # --- the thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._pump is not None:
+            self._pump.run(self._tun, self._sock.fileno(), self._outbound, self._inbound, SPIN_SECONDS,
+                           POLL_TIMEOUT_MS)
+            return
         poller = select.poll()
         registered = self._tun
         poller.register(registered, select.POLLIN)
@@ -255,7 +293,7 @@ class OffloadLoop(LoopBase):
             values += rest
         gather.prefixes(chunks).pack_into(gather.table, 0, *values)
         last = VNET_SIZE + headers + (chunks - 1) * mss
-        iov = [*gather.iov[:2 * chunks - 1], view[last:n]]
+        iov = [*gather.iov[:2 * chunks - 1], view[last if chunks > 1 else 0:n]]  # one chunk: the whole packet
         per_send = superframe.chunks_per_send(size)
         for start in range(0, chunks, per_send):
             self._send(iov[2 * start:2 * (start + per_send)], address, size)

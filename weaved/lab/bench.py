@@ -6,7 +6,10 @@ namespaces over the same underlay, and measures on each path, one after the othe
 
 * **underlay**: node n1 → node n2 on their 198.51.100.0/24 addresses;
 * **kernel VXLAN**: VNI 42, 203.0.113.0/24, MTU 1450 (the reference for "fast");
-* **weaved sleeve**: pod on n1 → pod on n2 through bridge, TUN, weaved and back.
+* **weaved sleeve**: pod on n1 → pod on n2 through bridge, TUN, weaved and back, with the C hot loop;
+* **weaved sleeve, Python loop**: the same after both daemons were restarted with ``WEAVE_NO_NATIVE=1``
+  (the pods and the TUN stay), so the C pump's gain is measured in the same run (``--no-python-loop``
+  skips it).
 
 Per path: iperf3 TCP ``-P 1`` and ``-P 4`` for ``--seconds`` (Gbit/s received, retransmits), ``ping`` at
 10 ms intervals (RTT with the CPUs idle between packets) and flood ping (back to back), a sockperf TCP
@@ -119,6 +122,25 @@ def lossy_wire(name: str, percent: float) -> None:
         raise SystemExit(f"nft loss rule: {proc.stderr.strip()}")
 
 
+def restart_without_native(name: str) -> None:
+    """Both daemons again, with the offload sleeve in Python alone; returns once both route to each other."""
+    for node in ("n1", "n2"):
+        lab_cmd(name, "kill", node)
+    env = {**os.environ, "WEAVE_NO_NATIVE": "1"}
+    for node in ("n1", "n2"):
+        proc = subprocess.run([sys.executable, "-m", "weaved", "lab", "start", "--name", name, node], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"lab start {node}: {proc.stderr.strip()}")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        reports = [json.loads(in_node(name, node, "weaved", "report"))["datapath"] for node in ("n1", "n2")]
+        if all(r["state"] == "ready" and r["peers"] == 1 and r.get("hot_loop") == "python" for r in reports):
+            return
+        time.sleep(1)
+    raise SystemExit("the daemons restarted with WEAVE_NO_NATIVE=1 did not route to each other within 90 s")
+
+
 def dropped(name: str) -> int:
     out = sh("ip", "netns", "exec", switch_netns(name), "nft", "list", "table", "netdev", LOSS_TABLE,
              check=False).stdout
@@ -216,23 +238,28 @@ def run(args: argparse.Namespace) -> int:
         paths = [
             Path("underlay veth", n2, n1, str(node_address("n2").ip)),
             Path("kernel VXLAN", n2, n1, f"{VXLAN_NET}.2"),
-            Path(f"weaved sleeve (pod MTU {ips['mtu']})", ips["n2_ns"], ips["n1_ns"], ips["n2_ip"]),
+            Path(f"**weaved sleeve**, C hot loop (pod MTU {ips['mtu']})", ips["n2_ns"], ips["n1_ns"], ips["n2_ip"]),
         ]
         rows = [measure(path, args) for path in paths]
-        lost = dropped(name) if args.loss else 0
         counters = json.loads(in_node(name, "n2", "weaved", "report"))["datapath"]["counters"]
+        if args.python_loop:
+            restart_without_native(name)
+            rows.append(measure(Path("weaved sleeve, Python loop", ips["n2_ns"], ips["n1_ns"], ips["n2_ip"]), args))
+        lost = dropped(name) if args.loss else 0
     wire = (f"single-packet wire, {args.loss:g} % of packets dropped entering the switch ({lost:,} dropped in all)"
             if args.loss else "veth underlay as created (offloads on)")
     print(f"iperf3 TCP {args.seconds} s; ping {args.pings} at 10 ms and {args.pings * 10} flood; "
           f"sockperf 3 s; 2-node lab; {wire}; one run (figures move ±20%)\n")
     print(table(rows))
-    keys = ("rx_superpackets", "rx_chunks", "rx_partial_runs", "rx_packets")
-    print("\nsleeve receiver (n2): " + ", ".join(f"{k}={counters.get(k, 0):,}" for k in keys))
+    keys = ("rx_superpackets", "rx_chunks", "rx_partial_runs", "rx_packets", "native_rx_packets", "native_tx_packets")
+    print("\nC-loop sleeve receiver (n2): " + ", ".join(f"{k}={counters.get(k, 0):,}" for k in keys))
     return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration per run (default 5)")
     parser.add_argument("--pings", type=int, default=200, help="pings at 10 ms (ten times as many flood pings)")
+    parser.add_argument("--no-python-loop", dest="python_loop", action="store_false",
+                        help="skip the row of the sleeve restarted without its C hot loop")
     parser.add_argument("--loss", type=float, default=0.0, metavar="PCT",
                         help="drop PCT %% of underlay packets on a single-packet wire (e.g. 1)")

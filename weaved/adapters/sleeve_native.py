@@ -1,0 +1,74 @@
+"""The C hot loop of the offload sleeve (``weaved/adapters/_sleevepump.c``), when it was built.
+
+Theory of operation
+-------------------
+:class:`~weaved.adapters.sleeve_offload.OffloadLoop` is the whole data path in Python; the C pump runs the
+same loop without the GIL and does the two common cases itself (a packet for a version-2 neighbour, a whole
+frame for us), handing everything else back to the Python methods in the same buffers. This module is the
+seam: whether the extension is there (:data:`AVAILABLE`), and the forwarding table packed the way the pump
+reads it (:func:`pack_table`), a pure function of the table so it can be checked without the pump.
+
+The layout (native byte order, what the C structs in ``_sleevepump.c`` declare): a head of magic, own short
+id, segment count, sender count and a 4096-bit map of the known short ids; then per ring segment ``start,
+end, next-hop IPv4 (network order), port, destination short id, chunk limit, routable``; then per sender
+``IPv4, port, 0``. A segment the Python path must decide (a drop reason, a next hop that is not an IPv4
+literal) is packed with ``routable = 0`` and the pump hands its packets back.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from types import ModuleType
+
+from weaved.core import sleeve
+from weaved.core.forwarding import ForwardingTable
+
+_pump: ModuleType | None
+try:
+    from weaved.adapters import _sleevepump as _pump
+    from weaved.adapters._sleevepump import Pump
+except ImportError:  # built without a C compiler: the Python loop carries the traffic alone
+    _pump = None
+
+AVAILABLE = _pump is not None
+TABLE_MAGIC = 0x57535431
+"""Must equal the C side's (``_sleevepump.TABLE_MAGIC``, checked by the tests)."""
+HEAD = struct.Struct("=IIII512s")
+SEGMENT = struct.Struct("=II4sHHHH")
+SENDER = struct.Struct("=4sHH")
+NO_ADDRESS = bytes(4)
+MAX_ADDRESS = 0xFFFF_FFFF
+
+
+def _ipv4(host: str) -> bytes | None:
+    try:
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return None
+
+
+def pack_table(table: ForwardingTable, own_chunk: int) -> bytes:
+    """``table`` as the pump reads it; chunk limits are already capped at ``own_chunk`` (our underlay's)."""
+    known = bytearray(512)
+    for short_id in table.known:
+        if 0 <= short_id <= sleeve.MAX_SHORT_ID:
+            known[short_id >> 3] |= 1 << (short_id & 7)
+    segments = []
+    for start, end, route in zip(table.starts, table.ends, table.routes, strict=True):
+        end = min(end, MAX_ADDRESS)  # the last address of all then goes to the Python path
+        ip = None if isinstance(route, str) else _ipv4(route[1][0])
+        if isinstance(route, str) or ip is None:
+            segments.append(SEGMENT.pack(start, end, NO_ADDRESS, 0, 0, 0, 0))
+            continue
+        dst, address = route
+        limit = min(table.chunk_limits.get(address, 0), own_chunk)
+        segments.append(SEGMENT.pack(start, end, ip, address[1], dst, limit, 1))
+    senders = [SENDER.pack(ip, port, 0) for host, port in sorted(table.senders) if (ip := _ipv4(host)) is not None]
+    head = HEAD.pack(TABLE_MAGIC, table.own_short_id, len(segments), len(senders), bytes(known))
+    return head + b"".join(segments) + b"".join(senders)
+
+
+def new_pump(read_buffer: bytearray, receive_buffer: bytearray) -> Pump | None:
+    """A pump over the Python loop's buffers, or None when the extension was not built."""
+    return None if _pump is None else _pump.Pump(read_buffer, receive_buffer)
