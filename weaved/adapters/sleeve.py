@@ -46,9 +46,13 @@ POLL_TIMEOUT_MS = 500
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
 """``linux/in.h``; Python's socket module has them at run time on Linux but typeshed does not list them."""
-SOCKET_BUFFER = 4 << 20
-"""Asked-for UDP socket buffers (the kernel caps them at rmem_max/wmem_max without CAP_NET_ADMIN; with
-it ``SO_*BUFFORCE`` is used). Small buffers drop bursts (see the performance notes)."""
+RECEIVE_BUFFER = 16 << 20
+"""Asked-for UDP receive buffer (the kernel caps it at rmem_max without CAP_NET_ADMIN; with it
+``SO_RCVBUFFORCE`` is used). A GRO batch of 44 chunks is charged at well over its 64 KB, and with 4 MiB
+the C loop's receiver overflowed ~300 times per 5 s of ``iperf3 -P 4`` (``UdpRcvbufErrors``), which TCP
+paid for with ~12,000 retransmits; 16 MiB: none (docs/performance.md)."""
+SEND_BUFFER = 4 << 20
+"""Asked-for UDP send buffer (``SO_SNDBUFFORCE`` or capped at wmem_max): the send blocks rather than drops."""
 
 
 class PacketLoop(Protocol):
@@ -76,11 +80,12 @@ def open_sleeve_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        for force, plain, size in ((33, socket.SO_RCVBUF, RECEIVE_BUFFER), (32, socket.SO_SNDBUF, SEND_BUFFER)):
             try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
             except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
         sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         sock.bind((host, port))
     except OSError:
