@@ -242,3 +242,13 @@ def test_the_packed_table_is_what_the_pump_reads() -> None:
             pump.set_table(bad)
     with pytest.raises(ValueError, match="buffers too small"):
         _sleevepump.Pump(bytearray(100), bytearray(1 << 17))
+
+
+def test_an_empty_datagram_is_dropped_as_short_and_the_loop_goes_on(rig: Rig) -> None:
+    """No GRO segment size comes with an empty datagram: nothing may divide by it."""
+    rig.near.sendto(b"", rig.address)
+    inner = bytes(IP(src=NEAR_POD, dst=OWN_POD) / UDP(sport=3, dport=4) / Raw(b"after"))
+    rig.near.sendto(sleeve.encode(inner, 22, 11), rig.address)
+    assert rig.delivered(1) == [ZERO_VNET + inner]
+    until(lambda: rig.loop.counters().get("drop_udp_short", 0) == 1, "the empty datagram counted")
+    assert rig.loop.counters().get("internal_errors", 0) == 0

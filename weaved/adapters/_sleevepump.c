@@ -339,9 +339,12 @@ static int inbound_fast(Pump *p, int tun, size_t n, size_t segment, const struct
     const uint8_t *rx = p->rx.buf;
     if (t == NULL || from->sin_family != AF_INET || !table_is_sender(t, from->sin_addr.s_addr, ntohs(from->sin_port)))
         return 0;
+    if (n < PREFIX + IPV4_HEADER) return 0; /* before the division: an empty datagram has no GRO segment */
     if (segment == 0 || segment > n) segment = n;
     size_t count_ = (n + segment - 1) / segment;
-    if (n < PREFIX + IPV4_HEADER || rx[2] != VERSION2 || !whole_frame(rx, n, count_, segment)) return 0;
+    /* A frame has at most 255 chunks; a bigger batch (never made by GRO today) goes to Python, and p->iov
+     * holds 2 * 255 entries. */
+    if (count_ > MAX_CHUNKS || rx[2] != VERSION2 || !whole_frame(rx, n, count_, segment)) return 0;
     unsigned dst, chunks;
     if (!chunk_ok(t, rx, segment, &dst, &chunks) || dst != t->head.own) return 0;
     if (count_ == 1) {
@@ -401,6 +404,10 @@ static PyObject *Pump_run(Pump *p, PyObject *args) {
     double spin;
     PyObject *outbound, *inbound;
     if (!PyArg_ParseTuple(args, "iiOOdi", &tun, &sock, &outbound, &inbound, &spin, &poll_ms)) return NULL;
+    if (p->read.obj == NULL || p->rx.obj == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pump was not initialised with its buffers");
+        return NULL;
+    }
     if (p->running) {
         PyErr_SetString(PyExc_RuntimeError, "the pump is already running");
         return NULL;

@@ -143,9 +143,9 @@ class OffloadLoop(LoopBase):
 
     @table.setter
     def table(self, table: ForwardingTable) -> None:
-        self._table = table
-        if self._pump is not None:
+        if self._pump is not None:  # first, so that a table the pump refuses is not half taken
             self._pump.set_table(sleeve_native.pack_table(table, self._own_chunk))
+        self._table = table
 
     # --- PacketLoop ---------------------------------------------------------------------------------
 
@@ -344,6 +344,9 @@ class OffloadLoop(LoopBase):
         table = self.table
         if source not in table.senders:
             counts["drop_udp_unknown-sender"] += 1
+            return
+        if n < sleeve.HEADER_SIZE:  # an empty datagram too, whose GRO "segment" is 0
+            counts["drop_udp_short"] += 1
             return
         rx, view = self._rx, self._rxview
         count = -(-n // segment) if segment else 1
