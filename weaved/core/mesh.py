@@ -39,6 +39,7 @@ from weaved.core.events import (
     RelayDelivered,
 )
 from weaved.core.routes import broadcast_children
+from weaved.core.seal import PeerSleeveKeys
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus, PeerStatus
 from weaved.core.topology import Topology
 from weaved.core.types import SHORT_ID_SPACE, Endpoint, PeerIdentity, PeerName, PeerUID, ShortID
@@ -224,6 +225,17 @@ class MeshPeer:
         """Established neighbours: their control address and the overlays they advertised (the data path
         derives their sleeve address from these)."""
         return {c.remote.name: (c.address, c.overlays) for c in self._established() if c.remote is not None}
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether a password is set: the control plane is sealed and the sleeve seals data to every
+        neighbour in :meth:`sleeve_keys` (a neighbour missing there, on a trusted subnet, gets plain frames)."""
+        return False
+
+    def sleeve_keys(self) -> dict[PeerName, PeerSleeveKeys]:
+        """Sleeve keys of each established neighbour whose data is sealed (see :mod:`weaved.core.seal`);
+        they change at every rekey, the previous session still opening frames for a while."""
+        return {}
 
     def status(self, now: float) -> MeshStatus:
         hops = self.topology.next_hops()
