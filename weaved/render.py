@@ -64,11 +64,12 @@ def render_status(status: MeshStatus, version: str, ipam: IpamReport | None = No
         ("Service", "router"),
         ("Protocol", status.protocol),
         ("Name", label(status.name, status.nickname)),
-        ("Encryption", "disabled"),
+        ("Encryption", status.encryption),
         ("PeerDiscovery", "enabled"),
         ("Targets", str(len(status.targets))),
         ("Connections", conns),
         ("Peers", peers),
+        ("TrustedSubnets", ",".join(status.trusted_subnets) or "none"),
     ]
     if ipam is not None:
         rows += [

@@ -8,6 +8,7 @@ deletion (a popped timer that is no longer due is re-scheduled). Failures print 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import random
@@ -16,8 +17,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from weaved.core.events import MeshEvent
+from weaved.core.handshake import derive_psk
 from weaved.core.mesh import MeshConfig, MeshPeer
+from weaved.core.secure import SecureConfig
 from weaved.core.types import Endpoint, PeerIdentity, PeerName, PeerUID, default_short_id, derive_peer_name
+
+
+@functools.lru_cache(maxsize=8)
+def _psk(password: bytes) -> bytes:
+    """scrypt is slow on purpose: derive each test password once."""
+    return derive_psk(password)
 
 
 @dataclass
@@ -56,6 +65,10 @@ class SimNet:
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
         self._restarts: Counter[str] = Counter()
+        self.password: bytes | None = None
+        """The mesh password every new peer (or restart) gets, unless ``passwords`` names another."""
+        self.passwords: dict[str, bytes | None] = {}
+        self.stamp_base = 1_000_000
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -78,7 +91,13 @@ class SimNet:
         uid = PeerUID(self.rng.getrandbits(64))
         identity = PeerIdentity(name, nickname, uid, default_short_id(name))
         rng = random.Random(self.rng.getrandbits(64))
-        return MeshPeer(identity, self.config, rng, self.now, initial_version=1)
+        password = self.passwords.get(nickname, self.password)
+        secure = None
+        if password is not None:
+            entropy = random.Random(self.rng.getrandbits(64)).randbytes
+            # Wall-clock ms at start, as the daemon passes it: later starts get larger stamps.
+            secure = SecureConfig(_psk(password), entropy, self.stamp_base + int(self.now * 1000))
+        return MeshPeer(identity, self.config, rng, self.now, initial_version=1, secure=secure)
 
     def add_clone(self, nickname: str, of: str, targets: Iterable[Endpoint], index: int) -> SimPeer:
         """A peer that uses another peer's name (a cloned machine), with its own UID and address."""

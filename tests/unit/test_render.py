@@ -56,6 +56,7 @@ def test_status_summary_matches_weave_layout() -> None:
         "        Targets: 3\n"
         "    Connections: 4 (2 established, 1 connecting, 1 failed)\n"
         "          Peers: 3 (with 4 established connections)\n"
+        " TrustedSubnets: none\n"
     )
 
 

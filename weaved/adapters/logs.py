@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import structlog
 
 from weaved.core.events import (
+    AuthFailed,
     ConnectionStateChanged,
     MeshEvent,
     NameCollision,
@@ -68,6 +69,8 @@ def describe_event(event: MeshEvent) -> LogLine:
                 "address": address, "name": name, "nickname": nickname,
                 "hint": "two live peers share a name (cloned machine id?): delete STATE_DIR/peer-name on one",
             })
+        case AuthFailed(address=address, reason=reason):
+            return LogLine("warning", f"peer at {address}: {reason}", {"address": address, "reason": reason})
         case RelayDelivered(src=src, channel=channel, payload=payload):
             return LogLine("debug", "relay delivered", {"src": src, "channel": channel, "bytes": len(payload)})
     # A new event type in the core must not crash the daemon; it still gets a line until it gets a mapping.

@@ -65,4 +65,15 @@ class RelayDelivered:
     payload: bytes
 
 
-MeshEvent = ConnectionStateChanged | PeerJoined | PeerLeft | PeerRestarted | NameCollision | RelayDelivered
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """A host at ``address`` could not complete an authenticated handshake with us (reported at most once a
+    minute per address and reason): a wrong password, or one side has a password and the other none."""
+
+    address: str
+    reason: str
+
+
+MeshEvent = (
+    ConnectionStateChanged | PeerJoined | PeerLeft | PeerRestarted | NameCollision | RelayDelivered | AuthFailed
+)

@@ -30,6 +30,7 @@ from weaved.core import gossip
 from weaved.core.connections import Backoff, Connection, ConnState, Target, TargetSource
 from weaved.core.entries import ConnectionEntry, PeerEntry
 from weaved.core.events import (
+    AuthFailed,
     ConnectionStateChanged,
     MeshEvent,
     NameCollision,
@@ -40,6 +41,9 @@ from weaved.core.events import (
 )
 from weaved.core.routes import broadcast_children
 from weaved.core.seal import PeerSleeveKeys
+from weaved.core.secure import KINDS as SEALED_KINDS
+from weaved.core.secure import Kind as SecureKind
+from weaved.core.secure import Notice, SecureConfig, SecureTransport, notice
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus, PeerStatus
 from weaved.core.topology import Topology
 from weaved.core.types import SHORT_ID_SPACE, Endpoint, PeerIdentity, PeerName, PeerUID, ShortID
@@ -106,9 +110,11 @@ class MeshPeer:
         rng: random.Random,
         now: float,
         initial_version: int = 1,
+        secure: SecureConfig | None = None,
     ) -> None:
         """``initial_version`` should grow across restarts (the daemon passes wall-clock ms) so a new
-        incarnation supersedes the old entry at once; if it does not, the peer bumps past it anyway."""
+        incarnation supersedes the old entry at once; if it does not, the peer bumps past it anyway.
+        ``secure`` (a password is set): every datagram goes through a :class:`SecureTransport`."""
         self.identity = identity
         self.config = config
         self._rng = rng
@@ -135,11 +141,16 @@ class MeshPeer:
         """Recent bumps forced by another incarnation of our name, by its UID (a live clone keeps going)."""
         """When we last went from no established connection to one (start of being 'settled')."""
         self._sizes = gossip.EntrySizeCache()
+        self._now = now
+        """The latest time an adapter call gave us: what sealing (session age, rekeying) is judged by."""
+        self._transport = None if secure is None else SecureTransport(
+            identity.name, identity.uid, secure, self._send_raw, self._emit, self.counters, now)
 
     # --- adapter interface ------------------------------------------------------------------------
 
     def add_target(self, address: Endpoint, now: float) -> None:
         """Dial ``address`` (from ``--peer`` or ``weaved connect``) and keep it connected."""
+        self._now = now
         target = self._targets.get(address)
         if target is None:
             self._targets[address] = Target(address, TargetSource.DIRECT, next_attempt=now)
@@ -153,8 +164,18 @@ class MeshPeer:
         self._targets.pop(address, None)
 
     def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> None:
+        self._now = now
         self.counters["rx_datagrams"] += 1
         self.counters["rx_bytes"] += len(data)
+        bound: tuple[PeerName, PeerUID] | None = None
+        if self._transport is not None:
+            opened = self._transport.open(data, source, now)
+            if opened is None:
+                return
+            data, bound = opened.data, (opened.name, opened.uid)
+        elif data[:1] and data[0] in SEALED_KINDS:
+            self._sealed_without_password(data, source, now)
+            return
         try:
             message = decode(data)
         except DecodeError as exc:
@@ -162,11 +183,27 @@ class MeshPeer:
             return
         if self._leaving:
             return
+        if bound is not None and bound != (message.sender, message.sender_uid):
+            # A member speaking for another peer: its session is bound to the name its handshake proved.
+            self._drop("identity-mismatch")
+            return
         self._dispatch(message, source, now)
 
+    def _sealed_without_password(self, data: bytes, source: Endpoint, now: float) -> None:
+        """A handshake or sealed datagram reached us, and we have no password: say so, once a minute in
+        the log and once a second to the sender (its log then says the same)."""
+        self._drop("password-mismatch")
+        if self._rate_ok(("auth-log", source), now, 60.0):
+            self._events.append(AuthFailed(str(source), "wrong or missing password (the peer has one, we none)"))
+        if data[0] != SecureKind.NOTICE and self._rate_ok(("auth-notice", source), now, 1.0):
+            self._out.append((notice(Notice.NO_PASSWORD), source))
+
     def handle_timer(self, now: float) -> None:
+        self._now = now
         if self._leaving:
             return
+        if self._transport is not None:
+            self._transport.handle_timer(now)
         self._tick_connections(now)
         self._dial_targets(now)
         if self._settle_due is not None and now >= self._settle_due:
@@ -195,6 +232,8 @@ class MeshPeer:
                 deadlines.append(conn.handshake_deadline)
         if len(self._conns) < self.config.conn_limit:
             deadlines.extend(t.next_attempt for t in self._targets.values() if self._dialable(t))
+        if self._transport is not None and (secure_due := self._transport.next_deadline()) is not None:
+            deadlines.append(secure_due)
         return min(deadlines)
 
     def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
@@ -207,6 +246,7 @@ class MeshPeer:
 
     def leave(self, now: float) -> None:
         """Say goodbye to every neighbour and stop; peers drop us at once instead of timing out."""
+        self._now = now
         for conn in list(self._conns.values()):
             if conn.remote is not None:
                 self._send(conn.address, Goodbye())
@@ -230,12 +270,27 @@ class MeshPeer:
     def encrypted(self) -> bool:
         """Whether a password is set: the control plane is sealed and the sleeve seals data to every
         neighbour in :meth:`sleeve_keys` (a neighbour missing there, on a trusted subnet, gets plain frames)."""
-        return False
+        return self._transport is not None
 
     def sleeve_keys(self) -> dict[PeerName, PeerSleeveKeys]:
         """Sleeve keys of each established neighbour whose data is sealed (see :mod:`weaved.core.seal`);
         they change at every rekey, the previous session still opening frames for a while."""
-        return {}
+        if self._transport is None:
+            return {}
+        keys = {}
+        for conn in self._established():
+            assert conn.remote is not None
+            found = self._transport.sleeve_keys(conn.address)
+            if found is not None:
+                keys[conn.remote.name] = found
+        return keys
+
+    def _data_mode(self, conn: Connection) -> str:
+        """Weave's words for how a connection carries data: ``encrypted sleeve`` or ``sleeve``."""
+        if self._transport is None:
+            return "sleeve"
+        session = self._transport.session(conn.address)
+        return "sleeve" if session is not None and session.plain_data else "encrypted sleeve"
 
     def status(self, now: float) -> MeshStatus:
         hops = self.topology.next_hops()
@@ -256,7 +311,8 @@ class MeshPeer:
                 address=str(c.address), outbound=c.outbound, state=c.state.value,
                 peer_name=c.remote.name if c.remote else None,
                 peer_nickname=c.remote.nickname if c.remote else None,
-                info=f"protocol {c.protocol_version}" if c.state is ConnState.ESTABLISHED else "",
+                info=f"{self._data_mode(c)}, protocol {c.protocol_version}" if c.state is ConnState.ESTABLISHED
+                else "",
             )
             for c in sorted(self._conns.values(), key=lambda c: c.address)
         ]
@@ -274,17 +330,29 @@ class MeshPeer:
             targets=[str(t.address) for t in sorted(self._targets.values(), key=lambda t: t.address)
                      if not t.is_self],
             counters=dict(self.counters),
+            encryption="enabled" if self._transport is not None else "disabled",
+            trusted_subnets=[str(n) for n in self._transport.trusted_subnets] if self._transport is not None else [],
         )
 
     # --- sending ----------------------------------------------------------------------------------
 
     def _send(self, address: Endpoint, body: Body, version: int = PROTOCOL_MAX) -> None:
         data = encode(Message(version, self.identity.name, self.identity.uid, body))
+        if isinstance(body, GossipUpdate | GossipSummary | GossipDigest | GossipRequest):
+            self.counters["tx_gossip_bytes"] += len(data)
+        if self._transport is not None:
+            self._transport.seal(data, address, self._now)
+        else:
+            self._send_raw(data, address)
+
+    def _send_raw(self, data: bytes, address: Endpoint) -> None:
+        """Every datagram that leaves, sealed or not, passes here."""
         self._out.append((data, address))
         self.counters["tx_datagrams"] += 1
         self.counters["tx_bytes"] += len(data)
-        if isinstance(body, GossipUpdate | GossipSummary | GossipDigest | GossipRequest):
-            self.counters["tx_gossip_bytes"] += len(data)
+
+    def _emit(self, event: MeshEvent) -> None:
+        self._events.append(event)
 
     def _drop(self, reason: str) -> None:
         self.counters[f"dropped_{reason}"] += 1

@@ -64,6 +64,11 @@ class MeshStatus:
     targets: list[str]
     counters: dict[str, int] = field(default_factory=dict)
     ready: bool = True
+    encryption: str = "disabled"
+    """``enabled`` with a password: every connection authenticated, sealed, data encrypted (see security.md)."""
+    trusted_subnets: list[str] = field(default_factory=list)
+    """Subnets whose peers get unsealed sleeve data when they trust us too (``--trusted-subnets``)."""
+    """``enabled`` with a password: every connection authenticated, sealed, data encrypted (see security.md)."""
 
     @property
     def established(self) -> int:
