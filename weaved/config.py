@@ -18,7 +18,7 @@ import argparse
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +111,19 @@ class Settings:
     no_masq_local: bool = True
     """``NO_MASQ_LOCAL`` (Weave's default since 2.7): traffic from outside the pod range to this node's own
     pods keeps its source address (what ``externalTrafficPolicy: Local`` needs); off, it is masqueraded."""
+    password: bytes | None = field(default=None, repr=False)
+    """``WEAVE_PASSWORD`` (Weave's variable): the mesh password itself. Never taken from argv (``ps`` shows
+    argv to every user) and never printed: ``repr`` leaves it out."""
+    password_file: Path | None = None
+    """``--password-file``/``WEAVE_PASSWORD_FILE``: a file holding the password (one trailing newline is not
+    part of it). Read at start by :mod:`weaved.adapters.password`."""
+    password_file_optional: bool = False
+    """``WEAVE_PASSWORD_FILE_OPTIONAL=1``: a missing password file means no password (the DaemonSet mounts
+    the ``weave-passwd`` Secret only when it exists, as Weave Net reads it); otherwise a missing file is an
+    error, so a typo cannot silently start a mesh in clear."""
+    trusted_subnets: tuple[ipaddress.IPv4Network, ...] = ()
+    """``--trusted-subnets``/``WEAVE_TRUSTED_SUBNETS`` (Weave's ``--trusted-subnets``): with a password, data
+    between peers that both count each other's address in these subnets goes unsealed; control stays sealed."""
 
 
 def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -256,10 +269,12 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
 
     Raises :class:`ConfigError` with a one-line message on the first bad value.
     """
-    if env.get("WEAVE_PASSWORD", "").strip():
-        # Fail closed: an operator who set a password expects encryption, and must not get clear text.
-        raise ConfigError("WEAVE_PASSWORD is set, but this weaved cannot encrypt yet; refusing to carry traffic "
-                          "in clear text: unset it (in Kubernetes, delete the weave-passwd Secret)")
+    password = env.get("WEAVE_PASSWORD", "")
+    password_file_text = flags.get("password_file") or env.get("WEAVE_PASSWORD_FILE", "").strip()
+    if password and password_file_text:
+        raise ConfigError("WEAVE_PASSWORD and --password-file/WEAVE_PASSWORD_FILE are both set: give the password once")
+    if password and not password.strip():
+        raise ConfigError("WEAVE_PASSWORD is set but blank: unset it, or give a real password")
     port = _int_setting(flags.get("port"), env, "WEAVE_PORT", DEFAULT_PORT, "--port/WEAVE_PORT")
     if not 0 < port < 65536:
         raise ConfigError(f"--port/WEAVE_PORT: {port} out of range 1-65535")
@@ -339,7 +354,24 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         offload=not no_offload,
         native=not no_native,
         no_masq_local=_bool_setting(None, env, "NO_MASQ_LOCAL", True),
+        password=password.encode() if password else None,
+        password_file=Path(password_file_text) if password_file_text else None,
+        password_file_optional=_bool_setting(None, env, "WEAVE_PASSWORD_FILE_OPTIONAL", False),
+        trusted_subnets=parse_trusted_subnets(flags.get("trusted_subnets") or env.get("WEAVE_TRUSTED_SUBNETS", "")),
     )
+
+
+def parse_trusted_subnets(text: str) -> tuple[ipaddress.IPv4Network, ...]:
+    """``CIDR,CIDR,…`` (commas or spaces), as Weave's ``--trusted-subnets``; empty means none."""
+    subnets = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            subnets.append(ipaddress.IPv4Network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"--trusted-subnets/WEAVE_TRUSTED_SUBNETS: {item!r} is not an IPv4 CIDR") from None
+    return tuple(subnets)
 
 
 def _cni_socket(text: str, state_dir: str) -> Path | None:
@@ -397,3 +429,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "(WEAVE_NO_OFFLOAD=1)")
     parser.add_argument("--no-native", action="store_true", default=None,
                         help="offload sleeve in Python alone, without its C hot loop (WEAVE_NO_NATIVE=1)")
+    parser.add_argument("--password-file", metavar="PATH",
+                        help="file holding the mesh password: every connection authenticated and encrypted "
+                             "(WEAVE_PASSWORD_FILE; or the password itself in WEAVE_PASSWORD, never on argv)")
+    parser.add_argument("--trusted-subnets", metavar="CIDR,...",
+                        help="peers in these subnets exchange data unencrypted when both trust each other "
+                             "(WEAVE_TRUSTED_SUBNETS; control traffic stays encrypted)")

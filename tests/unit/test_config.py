@@ -114,7 +114,9 @@ def test_host_port_prints_ipv6_in_brackets() -> None:
     ({"host": "example.org"}, {}, "--host: 'example.org' is not an IPv4 address"),
     ({"nickname": "  "}, {}, "--nickname: must not be empty"),
     ({"nickname": "n" * 65}, {}, "at most 64 characters"),
-    ({}, {"WEAVE_PASSWORD": "s3cret"}, "WEAVE_PASSWORD is set, but this weaved cannot encrypt yet"),
+    ({"password_file": "/p"}, {"WEAVE_PASSWORD": "s3cret"}, "give the password once"),
+    ({}, {"WEAVE_PASSWORD": "  "}, "WEAVE_PASSWORD is set but blank"),
+    ({"trusted_subnets": "10.0.0.0/8,bogus"}, {}, "'bogus' is not an IPv4 CIDR"),
 ])
 def test_bad_values_give_one_line_errors(flags: dict[str, Any], env: dict[str, str], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -190,3 +192,19 @@ def test_cli_reports_a_bad_ipalloc_range_with_status_2(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.startswith("weaved: --ipalloc-range/IPALLOC_RANGE: '10.32.0.0/40' is not an IPv4 network")
     assert err.count("\n") == 1
+
+
+def test_the_password_comes_from_the_environment_or_a_file_and_never_shows_in_repr() -> None:
+    settings = parse_settings({}, {"WEAVE_PASSWORD": "s3cret-value"}, "node-0")
+    assert settings.password == b"s3cret-value" and settings.password_file is None
+    assert "s3cret-value" not in repr(settings)
+    from_file = parse_settings({"password_file": "/etc/weave-passwd/weave-passwd"},
+                               {"WEAVE_PASSWORD_FILE_OPTIONAL": "1"}, "node-0")
+    assert from_file.password is None and str(from_file.password_file) == "/etc/weave-passwd/weave-passwd"
+    assert from_file.password_file_optional
+    assert parse_settings({}, {}, "node-0").password is None
+
+
+def test_trusted_subnets_are_a_list_of_cidrs() -> None:
+    settings = parse_settings({}, {"WEAVE_TRUSTED_SUBNETS": "10.0.0.0/8, 192.168.1.0/24"}, "node-0")
+    assert [str(n) for n in settings.trusted_subnets] == ["10.0.0.0/8", "192.168.1.0/24"]

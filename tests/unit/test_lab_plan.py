@@ -393,3 +393,19 @@ def test_tool_env_drops_settings_that_would_bend_the_lab(monkeypatch: pytest.Mon
     assert "WEAVE_HTTP_ADDR" not in env
     assert env["WEAVE_LOG_LEVEL"] == "debug"
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_a_lab_password_reaches_every_daemon_as_a_file_never_the_password_itself() -> None:
+    state = plan_lab("t", 3, "/venv/bin/python", Path("/run/x"), password_file="/secrets/pw")
+    argv = daemon_argv(state, "n2")
+    assert argv[argv.index("--password-file") + 1] == "/secrets/pw"
+    bare = daemon_argv(plan_lab("t", 3, "/venv/bin/python", Path("/run/x")), "n2")
+    assert "--password-file" not in bare
+
+
+def test_nodes_whose_passwords_differ_are_expected_apart() -> None:
+    passwords = {"n1": "a", "n2": "a", "n3": None, "n4": "b"}
+    assert expected_views(["n1", "n2", "n3", "n4"], None, passwords) == {
+        "n1": {"n2"}, "n2": {"n1"}, "n3": set(), "n4": set()}
+    # With a partition as well: n1 and n2 share a password but not the underlay.
+    assert expected_views(["n1", "n2"], [["n1"], ["n2"]], {"n1": "a", "n2": "a"}) == {"n1": set(), "n2": set()}

@@ -112,7 +112,25 @@ def test_the_manifest_env_parses_into_the_intended_settings() -> None:
     assert settings.conn_limit == 200
     assert settings.nickname == "worker-1"
     assert settings.kube is not None and settings.kube.node_name == "worker-1"
-    assert manifest_env()["WEAVE_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert settings.password_file_optional and settings.password is None
+
+
+def test_weaves_password_secret_is_mounted_when_it_exists_and_read_as_the_password(tmp_path: Path) -> None:
+    """A Weave Net user's ``weave-passwd`` Secret (key ``weave-passwd``) starts an encrypted mesh; without the
+    Secret the mount is empty and the daemon starts without a password instead of failing on every node."""
+    volumes = {v["name"]: v for v in daemonset()["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes["weave-passwd"]["secret"]
+    assert secret["secretName"] == "weave-passwd" and secret["optional"] is True
+    mount = {m["name"]: m for m in container("weaved")["volumeMounts"]}["weave-passwd"]
+    env = {name: e.get("value", "") for name, e in manifest_env().items()}
+    assert env["WEAVE_PASSWORD_FILE"] == f"{mount['mountPath']}/weave-passwd" and mount["readOnly"] is True
+    assert "WEAVE_PASSWORD" not in env  # never in the environment, where child processes inherit it
+    from weaved.adapters.password import read_password
+    env["WEAVE_PASSWORD_FILE"] = str(tmp_path / "weave-passwd")
+    settings = parse_settings({}, env, "node-0")
+    assert read_password(settings) == (None, f"none (no file at {tmp_path / 'weave-passwd'})")
+    (tmp_path / "weave-passwd").write_bytes(b"s3cret\n")  # kubectl create secret --from-file keeps the newline
+    assert read_password(settings) == (b"s3cret", f"file {tmp_path / 'weave-passwd'}")
 
 
 def test_rbac_is_least_privilege_and_names_what_the_daemon_uses() -> None:

@@ -53,6 +53,7 @@ from weaved.adapters.identity import IdentityError, load_identity
 from weaved.adapters.ipam import IpamService, open_allocator
 from weaved.adapters.logs import configure_logging, describe_event, describe_summary, emit
 from weaved.adapters.metrics import metrics_app, metrics_registry
+from weaved.adapters.password import PasswordError, secure_config
 from weaved.adapters.resolve import ResolveError, resolve
 from weaved.adapters.store import SnapshotStore, StoreError
 from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSender, errno_name, open_control_socket
@@ -267,6 +268,10 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
 
     ``pod_network`` replaces :meth:`Node.pod_network` for the CNI handler (tests bring their own bridge)."""
     log = structlog.get_logger("weaved")
+    try:
+        secure, password_source = secure_config(settings)
+    except PasswordError as exc:
+        raise StartupError(str(exc)) from None
     store = SnapshotStore(settings.state_dir)
     try:
         allocator, nicknames = open_allocator(identity.name, settings.ipalloc_range, settings.ipalloc_init, store,
@@ -284,7 +289,7 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
             # We take version-2 frames (virtio headers, super-packets) in chunks as big as our underlay carries.
             overlays += (superframe.overlay(advertised_chunk()),)
         peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit, overlays=overlays),
-                        random.Random(), now=clock(), initial_version=int(time.time() * 1000))
+                        random.Random(), now=clock(), initial_version=int(time.time() * 1000), secure=secure)
         node = Node(peer, sock, allocator, store, nicknames=nicknames, clock=clock)
         if settings.datapath:
             node.datapath = Datapath(settings, peer, node.ipam)
@@ -293,7 +298,9 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
         log.info("weaved starting", version=weaved.__version__, name=identity.name, nickname=identity.nickname,
                  short_id=identity.short_id, port=settings.port, peers=",".join(map(str, settings.peers)) or "-",
                  ipalloc_range=str(settings.ipalloc_range), ipalloc_init=describe_init(settings.ipalloc_init),
-                 ipam=node.ipam.report().state)
+                 ipam=node.ipam.report().state, encryption="enabled" if secure else "disabled",
+                 password=password_source,
+                 trusted_subnets=",".join(map(str, settings.trusted_subnets)) or "none")
         async with anyio.create_task_group() as tg:
             await tg.start(node.watch_signals)
             await tg.start(serve_app, api_app(node, registry, node.ipam, datapath_report), settings.http_addr,

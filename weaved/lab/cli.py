@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         daemons=not args.no_daemons,
         keep_on_failure=args.keep_on_failure,
+        password_file=args.password_file,
         say=_say,
         warn=_warn,
     )
@@ -190,6 +192,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     if ops.node_alive(node):
         _say(f"{node.name} is already running (pid {node.pid})")
         return 0
+    if args.password_file is not None or args.no_password:
+        password_file = None if args.no_password else ops.check_password_file(args.password_file)
+        state = state.with_node(replace(node, password_file=password_file))
     state = ops.start_daemon(state, node.name)
     _say(f"started {node.name} ({node.ip}) pid {state.node(node.name).pid}")
     if args.no_wait:
@@ -264,6 +269,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--pods-per-node", type=int, default=DEFAULT_PODS_PER_NODE, metavar="K",
                    help=f"pods to start on every node through the CNI plugin (default {DEFAULT_PODS_PER_NODE}); "
                    "then print the reachability matrix")
+    p.add_argument("--password-file", metavar="PATH",
+                   help="every node starts with this mesh password: connections authenticated and encrypted")
 
     add("down", cmd_down, "stop the daemons and delete the lab's namespaces and files (safe to repeat)")
 
@@ -285,6 +292,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p = add("start", cmd_start, "start a stopped node's daemon again (same state dir) and wait for it to join", timeout)
     p.add_argument("node", metavar="NODE")
     p.add_argument("--no-wait", action="store_true", help="return once started")
+    password = p.add_mutually_exclusive_group()
+    password.add_argument("--password-file", metavar="PATH",
+                          help="start it with this password from now on (another one shows a mismatch)")
+    password.add_argument("--no-password", action="store_true", help="start it without a password from now on")
 
     p = add(
         "partition",

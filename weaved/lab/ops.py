@@ -8,6 +8,7 @@ a daemon), so ``down`` can always undo a half-built lab, even one whose ``up`` w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -174,7 +175,7 @@ def wait_converged(state: LabState, timeout: float, *, say: Say = _quiet, fail_o
         dead = [n.name for n in state.nodes if n.pid is not None and n.name not in running]
         if dead and fail_on_dead:
             return {n: "daemon exited" for n in dead}
-        expected = expected_views(running, state.partition)
+        expected = expected_views(running, state.partition, password_digests(state))
         gaps = convergence_gaps(read_reports(state, running), expected)
         if not gaps:
             return {}
@@ -185,6 +186,32 @@ def wait_converged(state: LabState, timeout: float, *, say: Say = _quiet, fail_o
         if time.monotonic() + POLL_INTERVAL > deadline:
             return gaps
         time.sleep(POLL_INTERVAL)
+
+
+def password_digests(state: LabState) -> dict[str, str | None]:
+    """Per node, a digest of the password it starts with (None: none), so that convergence expects nodes
+    whose passwords differ to stay apart. Read from the files now, as the daemons did when they started."""
+    digests: dict[str, str | None] = {}
+    for node in state.nodes:
+        if node.password_file is None:
+            digests[node.name] = None
+            continue
+        try:
+            raw = Path(node.password_file).read_bytes()
+        except OSError:
+            digests[node.name] = f"unreadable:{node.password_file}"
+            continue
+        password = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+        digests[node.name] = hashlib.sha256(password).hexdigest()
+    return digests
+
+
+def check_password_file(path: str) -> str:
+    """The absolute path of a readable password file (daemons start elsewhere), or a LabError."""
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise LabError(f"--password-file {path}: no such file")
+    return str(resolved)
 
 
 def node_status_text(state: LabState, node: NodeRecord) -> str:
@@ -225,6 +252,7 @@ def up(
     timeout: float,
     daemons: bool = True,
     keep_on_failure: bool = False,
+    password_file: str | None = None,
     say: Say = _quiet,
     warn: Say = _quiet,
     root: Path = LAB_ROOT,
@@ -233,7 +261,9 @@ def up(
     validate_lab_name(lab)
     host.require_root()
     host.find_tool("ip")
-    state = plan_lab(lab, count, python, root, daemons=daemons)
+    if password_file is not None:
+        password_file = check_password_file(password_file)
+    state = plan_lab(lab, count, python, root, daemons=daemons, password_file=password_file)
     root.mkdir(parents=True, exist_ok=True)
     try:
         lab_dir(lab, root).mkdir()  # atomically claims the name: a concurrent `up` gets FileExistsError

@@ -127,6 +127,8 @@ class NodeRecord:
     """The daemon's PID while the lab believes it runs; None once ``kill`` stopped it (or before start)."""
     starttime: int | None = None
     """``/proc/PID/stat`` start time, so that a recycled PID is never mistaken for our daemon."""
+    password_file: str | None = None
+    """The mesh password file the daemon starts with (``up``/``start --password-file``); None: no password."""
 
     @property
     def ip(self) -> str:
@@ -195,7 +197,8 @@ class LabState:
         return cls(**{**data, "nodes": nodes, "pods": pods})
 
 
-def plan_lab(lab: str, count: int, python: str, root: Path = LAB_ROOT, *, daemons: bool = True) -> LabState:
+def plan_lab(lab: str, count: int, python: str, root: Path = LAB_ROOT, *, daemons: bool = True,
+             password_file: str | None = None) -> LabState:
     """The lab ``up`` is about to build (no PIDs yet)."""
     validate_lab_name(lab)
     validate_node_count(count)
@@ -207,6 +210,7 @@ def plan_lab(lab: str, count: int, python: str, root: Path = LAB_ROOT, *, daemon
             address=str(node_address(n)),
             state_dir=str(base / n / "state"),
             log_path=str(base / n / "weaved.log"),
+            password_file=password_file,
         )
         for n in node_names(count)
     ]
@@ -238,6 +242,8 @@ def daemon_argv(state: LabState, node: str) -> list[str]:
     for other in state.nodes:
         if other.name != node:
             argv += ["--peer", other.ip]
+    if me.password_file is not None:
+        argv += ["--password-file", me.password_file]
     return argv
 
 
@@ -328,14 +334,19 @@ def describe_partition(groups: Sequence[Sequence[str]] | None) -> str:
     return " | ".join(",".join(g) for g in groups)
 
 
-def expected_views(running: Iterable[str], groups: Sequence[Sequence[str]] | None) -> dict[str, set[str]]:
+def expected_views(running: Iterable[str], groups: Sequence[Sequence[str]] | None,
+                   passwords: Mapping[str, str | None] | None = None) -> dict[str, set[str]]:
     """For each running node, the other running nodes a settled mesh lets it reach.
 
     The overlay relays, so that is the node's connected component in the underlay graph among *running*
-    nodes (with groups {n1},{n2} and an ungrouped n3, n1 still reaches n2 through n3).
+    nodes (with groups {n1},{n2} and an ungrouped n3, n1 still reaches n2 through n3). Nodes whose
+    passwords differ (``passwords``: node → a digest of its password, None for none) never connect.
     """
     nodes = sorted(set(running), key=node_index)
     blocked = blocked_pairs(groups or [])
+    if passwords:
+        blocked |= {frozenset((a, b)) for a in nodes for b in nodes
+                    if a != b and passwords.get(a) != passwords.get(b)}
     component: dict[str, set[str]] = {}
     for start in nodes:
         if start in component:
