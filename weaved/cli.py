@@ -213,7 +213,8 @@ def _add_api_argument(parser: argparse.ArgumentParser) -> None:
 def _add_socket_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-socket", metavar="PATH",
                         help="the daemon's control socket, root's only (default: WEAVE_API_SOCKET, else "
-                             f"{DEFAULT_API_SOCKET}, or WEAVE_STATE_DIR/weaved.sock)")
+                             f"WEAVE_STATE_DIR/weaved.sock for a state directory other than the default, else "
+                             f"{DEFAULT_API_SOCKET})")
 
 
 def build_parser() -> argparse.ArgumentParser:
