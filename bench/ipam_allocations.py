@@ -30,12 +30,17 @@ LAB = [sys.executable, "-m", "weaved", "lab"]
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 
 CLIENT = r"""
-import http.client, json, sys, threading, time
+import http.client, json, os, socket, sys, threading, time
 prefix, count, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 latencies = []
 lock = threading.Lock()
+class Unix(http.client.HTTPConnection):  # the node's control socket (lab exec sets WEAVE_API_SOCKET)
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(os.environ["WEAVE_API_SOCKET"])
 def work(w):
-    conn = http.client.HTTPConnection("127.0.0.1", 6784, timeout=60)
+    conn = Unix("localhost", timeout=60)
     mine = []
     for i in range(w, count, workers):
         t = time.perf_counter()

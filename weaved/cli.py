@@ -1,5 +1,10 @@
 """The ``weaved`` command line: the daemon (``run``) and the clients of its local API.
 
+Commands that only read (``status``, ``report``, ``ipam leases``) use the read-only TCP port (``--api``),
+so that any user on the node, and scripts, can read the status as with Weave Net's ``weave status``;
+commands that change the daemon (``connect``, ``forget``, ``ipam alloc|claim|release|gateway``, ``rmpeer``,
+``reset``) use the control socket (``--api-socket``), which only root may open.
+
 Every subcommand sets ``func(args) -> int`` (the exit status). Operator mistakes and an absent daemon end
 in one line on stderr and a non-zero status, never a traceback: 2 for a bad setting (like argparse's own
 usage errors), 1 when the daemon cannot be reached or refuses the request.
@@ -27,10 +32,11 @@ from weaved.adapters.client import (
     Client,
     DaemonUnreachable,
     api_address,
+    control_socket,
 )
 from weaved.adapters.datapath_report import DatapathReport
 from weaved.adapters.ipam_report import IpamReport
-from weaved.config import ConfigError, add_run_arguments, parse_settings
+from weaved.config import DEFAULT_API_SOCKET, ConfigError, add_run_arguments, parse_settings
 from weaved.core.status import MeshStatus
 from weaved.k8s import install as cni_install
 from weaved.lab import cli as lab_cli
@@ -60,13 +66,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(settings)
 
 
-def _client_command(action: Callable[[Client, argparse.Namespace], str],
-                    timeout: float = TIMEOUT) -> Callable[[argparse.Namespace], int]:
-    """Wrap a client action: build the client from ``--api``, print its output, map failures to one line."""
+def _client_command(action: Callable[[Client, argparse.Namespace], str], timeout: float = TIMEOUT, *,
+                    control: bool = False) -> Callable[[argparse.Namespace], int]:
+    """Wrap a client action: build the client (from ``--api-socket`` for a ``control`` action, one that changes
+    the daemon; else from ``--api``), print its output, map failures to one line."""
 
     def command(args: argparse.Namespace) -> int:
         try:
-            client = Client(api_address(args.api, os.environ), timeout)
+            if control:
+                client = Client.unix(control_socket(args.api_socket, os.environ), timeout)
+            else:
+                client = Client(api_address(args.api, os.environ), timeout)
             output = action(client, args)
         except ConfigError as exc:
             return _fail(str(exc), 2)
@@ -151,20 +161,20 @@ def _add_ipam_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     alloc = actions.add_parser("alloc", help="allocate an address for a container (the same one when asked again)")
     alloc.add_argument("container_id", metavar="ID")
     alloc.add_argument("--ifname", default="eth0", help="the container's interface (default eth0)")
-    _add_api_argument(alloc)
-    alloc.set_defaults(func=_client_command(_ipam_alloc, ALLOCATE_TIMEOUT))
+    _add_socket_argument(alloc)
+    alloc.set_defaults(func=_client_command(_ipam_alloc, ALLOCATE_TIMEOUT, control=True))
 
     claim = actions.add_parser("claim", help="lease a given address to a container")
     claim.add_argument("container_id", metavar="ID")
     claim.add_argument("address", metavar="IP")
     claim.add_argument("--ifname", default="eth0", help="the container's interface (default eth0)")
-    _add_api_argument(claim)
-    claim.set_defaults(func=_client_command(_ipam_claim))
+    _add_socket_argument(claim)
+    claim.set_defaults(func=_client_command(_ipam_claim, control=True))
 
     release = actions.add_parser("release", help="release every address of a container")
     release.add_argument("container_id", metavar="ID")
-    _add_api_argument(release)
-    release.set_defaults(func=_client_command(_ipam_release))
+    _add_socket_argument(release)
+    release.set_defaults(func=_client_command(_ipam_release, control=True))
 
     leases = actions.add_parser("leases", help="list this peer's leases")
     leases.add_argument("--json", action="store_true", help="as JSON")
@@ -172,14 +182,14 @@ def _add_ipam_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     leases.set_defaults(func=_client_command(_ipam_leases))
 
     gateway = actions.add_parser("gateway", help="this node's own address on the pod network")
-    _add_api_argument(gateway)
-    gateway.set_defaults(func=_client_command(_ipam_gateway, ALLOCATE_TIMEOUT))
+    _add_socket_argument(gateway)
+    gateway.set_defaults(func=_client_command(_ipam_gateway, ALLOCATE_TIMEOUT, control=True))
 
     rmpeer = commands.add_parser("rmpeer", help="give a dead peer's addresses to the living peers",
                                  description="Remove a dead peer from IPAM; safe to run on several peers at once.")
     rmpeer.add_argument("peer", metavar="NAME", help="the peer's name or nickname")
-    _add_api_argument(rmpeer)
-    rmpeer.set_defaults(func=_client_command(_rmpeer))
+    _add_socket_argument(rmpeer)
+    rmpeer.set_defaults(func=_client_command(_rmpeer, control=True))
 
     reset = commands.add_parser(
         "reset", help="leave the IPAM ring for good, handing this peer's addresses to a live peer",
@@ -190,13 +200,21 @@ def _add_ipam_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     reset.add_argument("--force", action="store_true",
                        help="leave even though containers hold addresses here; their leases are forgotten and the "
                             "addresses will be handed out again elsewhere (only for containers that are gone)")
-    _add_api_argument(reset)
-    reset.set_defaults(func=_client_command(_reset, LEAVE_TIMEOUT))
+    _add_socket_argument(reset)
+    reset.set_defaults(func=_client_command(_reset, LEAVE_TIMEOUT, control=True))
 
 
 def _add_api_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", metavar="ADDR",
-                        help="address of the daemon's HTTP API (default: WEAVE_HTTP_ADDR, else 127.0.0.1:6784)")
+                        help="address of the daemon's read-only HTTP API (default: WEAVE_HTTP_ADDR, else "
+                             "127.0.0.1:6784)")
+
+
+def _add_socket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-socket", metavar="PATH",
+                        help="the daemon's control socket, root's only (default: WEAVE_API_SOCKET, else "
+                             f"WEAVE_STATE_DIR/weaved.sock for a state directory other than the default, else "
+                             f"{DEFAULT_API_SOCKET})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     connect = commands.add_parser("connect", help="add a peer to dial and keep connected")
     connect.add_argument("peer", metavar="HOST[:PORT]")
-    _add_api_argument(connect)
-    connect.set_defaults(func=_client_command(_connect))
+    _add_socket_argument(connect)
+    connect.set_defaults(func=_client_command(_connect, control=True))
 
     forget = commands.add_parser("forget", help="stop dialling a peer (an open connection stays until it fails)")
     forget.add_argument("peer", metavar="HOST[:PORT]")
-    _add_api_argument(forget)
-    forget.set_defaults(func=_client_command(_forget))
+    _add_socket_argument(forget)
+    forget.set_defaults(func=_client_command(_forget, control=True))
 
     _add_ipam_commands(commands)
     lab_cli.register(commands)

@@ -37,6 +37,10 @@ DEFAULT_CNI_SOCKET = "/run/weave/cni.sock"
 """Where the CNI forwarder finds the daemon (its own default too) when the state directory is the default;
 with another ``--state-dir`` (a lab node, a test) the socket is ``STATE_DIR/cni.sock``, so daemons sharing
 a mount namespace never share a socket."""
+DEFAULT_API_SOCKET = "/run/weave/weaved.sock"
+"""The local API's control socket (every call that changes the daemon; mode 0600, so root's alone) when the
+state directory is the default; with another ``--state-dir`` it is ``STATE_DIR/weaved.sock``, like the CNI
+socket, so lab nodes sharing one filesystem each get their own."""
 MAX_UNIX_PATH = 107
 DEFAULT_IPALLOC_RANGE = "10.32.0.0/12"
 DEFAULT_IPALLOC_INIT = "consensus"
@@ -124,6 +128,9 @@ class Settings:
     trusted_subnets: tuple[ipaddress.IPv4Network, ...] = ()
     """``--trusted-subnets``/``WEAVE_TRUSTED_SUBNETS`` (Weave's ``--trusted-subnets``): with a password, data
     between peers that both count each other's address in these subnets goes unsealed; control stays sealed."""
+    api_socket: Path = Path(DEFAULT_API_SOCKET)
+    """The unix socket of the API's mutating calls (``--api-socket``/``WEAVE_API_SOCKET``): connect, forget,
+    IPAM alloc/claim/release, rmpeer, reset. ``http_addr`` serves only what reads."""
 
 
 def parse_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -358,6 +365,8 @@ def parse_settings(flags: Mapping[str, Any], env: Mapping[str, str], hostname: s
         password_file=Path(password_file_text) if password_file_text else None,
         password_file_optional=_bool_setting(None, env, "WEAVE_PASSWORD_FILE_OPTIONAL", False),
         trusted_subnets=parse_trusted_subnets(flags.get("trusted_subnets") or env.get("WEAVE_TRUSTED_SUBNETS", "")),
+        api_socket=api_socket_path(flags.get("api_socket") or env.get("WEAVE_API_SOCKET", "").strip(),
+                                   state_dir_text),
     )
 
 
@@ -385,6 +394,17 @@ def _cni_socket(text: str, state_dir: str) -> Path | None:
     return Path(text).absolute()
 
 
+def api_socket_path(text: str, state_dir: str) -> Path:
+    """The control socket: ``text`` when given, else derived from ``state_dir`` (see
+    :data:`DEFAULT_API_SOCKET`). The CLI calls this too, with ``WEAVE_STATE_DIR``, to find the daemon's."""
+    if not text:
+        text = DEFAULT_API_SOCKET if state_dir == DEFAULT_STATE_DIR else str(Path(state_dir) / "weaved.sock")
+    if len(str(Path(text).absolute()).encode()) > MAX_UNIX_PATH:
+        raise ConfigError(f"--api-socket/WEAVE_API_SOCKET: {text!r} is longer than a unix socket path may be "
+                          f"({MAX_UNIX_PATH} bytes)")
+    return Path(text).absolute()
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``weaved run``. Defaults stay ``None`` so :func:`parse_settings` can fall back to env."""
     parser.add_argument("--peer", action="append", metavar="HOST[:PORT]",
@@ -394,9 +414,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conn-limit", metavar="N",
                         help=f"most connections held (CONN_LIMIT, default {DEFAULT_CONN_LIMIT})")
     parser.add_argument("--http-addr", metavar="ADDR",
-                        help=f"local HTTP API address (WEAVE_HTTP_ADDR, default {DEFAULT_HTTP_ADDR})")
+                        help=f"read-only local HTTP API (WEAVE_HTTP_ADDR, default {DEFAULT_HTTP_ADDR})")
     parser.add_argument("--metrics-addr", metavar="ADDR",
                         help=f"Prometheus metrics address (WEAVE_METRICS_ADDR, default {DEFAULT_METRICS_ADDR})")
+    parser.add_argument("--api-socket", metavar="PATH",
+                        help=f"unix socket (mode 0600) for the API calls that change the daemon (WEAVE_API_SOCKET, "
+                             f"default {DEFAULT_API_SOCKET}, or STATE_DIR/weaved.sock with another --state-dir)")
     parser.add_argument("--nickname", help="human-readable peer name (default: HOSTNAME, else the host name)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help=f"where the peer name is kept (WEAVE_STATE_DIR, default {DEFAULT_STATE_DIR})")

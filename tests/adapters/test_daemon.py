@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +48,8 @@ class Daemon:
     metrics: str
     log: Path
     proc: subprocess.Popen[bytes]
+    api_socket: Path
+    """The control socket (the default for its state directory unless the test gave ``--api-socket``)."""
 
     def get(self, path: str, *, metrics: bool = False) -> tuple[int, str]:
         url = f"http://{self.metrics if metrics else self.http}{path}"
@@ -76,7 +81,8 @@ def weaved(*args: str, env: dict[str, str] | None = None, timeout: float = 10) -
 def launch(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(nickname: str, *extra: str, port: int | None = None, wait_ready: bool = True) -> Daemon:
+    def start(nickname: str, *extra: str, port: int | None = None, wait_ready: bool = True,
+              env: dict[str, str] | None = None) -> Daemon:
         port = port or free_port(socket.SOCK_DGRAM)
         http = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
         metrics = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
@@ -86,10 +92,14 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
                 [sys.executable, "-m", "weaved", "run", "--host", "127.0.0.1", "--port", str(port),
                  "--http-addr", http, "--metrics-addr", metrics, "--nickname", nickname,
                  "--state-dir", str(tmp_path / nickname), "--no-datapath", *extra],
-                stdout=sink, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items()
-                                                            if not k.startswith(("WEAVE_", "KUBE_", "CONN_"))},
+                stdout=sink, stderr=subprocess.STDOUT, env={**{k: v for k, v in os.environ.items()
+                                                               if not k.startswith(("WEAVE_", "KUBE_", "CONN_"))},
+                                                            **(env or {})},
             )
-        daemon = Daemon(nickname, port, http, metrics, log, proc)
+        given = [extra[i + 1] for i, arg in enumerate(extra[:-1]) if arg == "--api-socket"]
+        given += [(env or {})["WEAVE_API_SOCKET"]] if "WEAVE_API_SOCKET" in (env or {}) else []
+        api_socket = Path(given[0]) if given else tmp_path / nickname / "weaved.sock"
+        daemon = Daemon(nickname, port, http, metrics, log, proc, api_socket)
         started.append(daemon)
         if wait_ready:
             wait_for(lambda: _ready(daemon), f"{nickname} to be ready", started)
@@ -186,11 +196,11 @@ def test_three_daemons_mesh_report_status_metrics_and_leave(launch: Callable[...
 
 def test_connect_and_forget_through_the_cli(launch: Callable[..., Daemon]) -> None:
     a, b = launch("a"), launch("b")
-    result = weaved("connect", f"127.0.0.1:{b.port}", "--api", a.http)
+    result = weaved("connect", f"127.0.0.1:{b.port}", "--api-socket", str(a.api_socket))
     assert (result.returncode, result.stdout) == (0, f"connecting to 127.0.0.1:{b.port}\n")
     wait_for(lambda: len(b.report()["peers"]) == 2, "b to see a", [a, b], timeout=5)
     assert weaved("status", "targets", "--api", a.http).stdout == f"127.0.0.1:{b.port}\n"
-    result = weaved("forget", f"127.0.0.1:{b.port}", "--api", a.http)
+    result = weaved("forget", f"127.0.0.1:{b.port}", "--api-socket", str(a.api_socket))
     assert (result.returncode, result.stdout) == (0, f"forgot 127.0.0.1:{b.port}\n")
     assert weaved("status", "targets", "--api", a.http).stdout == ""
     report = json.loads(weaved("report", "--api", a.http).stdout)
@@ -198,18 +208,102 @@ def test_connect_and_forget_through_the_cli(launch: Callable[..., Daemon]) -> No
     assert report["targets"] == []
 
 
-def test_client_commands_say_clearly_when_no_daemon_runs() -> None:
+def test_client_commands_say_clearly_when_no_daemon_runs(tmp_path: Path) -> None:
     api = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
-    for command in (["status"], ["status", "peers"], ["report"], ["connect", "127.0.0.1"], ["forget", "127.0.0.1"]):
-        result = weaved(*command, "--api", api)
+    sock = str(tmp_path / "weaved.sock")
+    for command, where, why in (
+        (["status"], ["--api", api], f"{api} (connection refused)"),
+        (["status", "peers"], ["--api", api], f"{api} (connection refused)"),
+        (["report"], ["--api", api], f"{api} (connection refused)"),
+        (["connect", "127.0.0.1"], ["--api-socket", sock], f"{sock} (no such file or directory)"),
+        (["forget", "127.0.0.1"], ["--api-socket", sock], f"{sock} (no such file or directory)"),
+        (["rmpeer", "x"], ["--api-socket", sock], f"{sock} (no such file or directory)"),
+    ):
+        result = weaved(*command, *where)
         assert result.returncode == 1, command
         assert result.stdout == ""
         lines = result.stderr.splitlines()
         assert len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"weaved: cannot reach the weaved daemon at {api} (connection refused)")
+        assert lines[0].startswith(f"weaved: cannot reach the weaved daemon at {why}")
         assert "weaved run" in lines[0]
     via_env = weaved("status", env={"WEAVE_HTTP_ADDR": api})
     assert f"daemon at {api}" in via_env.stderr
+    via_env = weaved("connect", "127.0.0.1", env={"WEAVE_API_SOCKET": sock})
+    assert f"daemon at {sock}" in via_env.stderr
+    via_state_dir = weaved("reset", env={"WEAVE_STATE_DIR": str(tmp_path / "state")})
+    assert f"daemon at {tmp_path / 'state' / 'weaved.sock'}" in via_state_dir.stderr
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+AS_NOBODY = """
+import http.client, json, socket, sys
+http_addr, sock_path = sys.argv[1], sys.argv[2]
+host, port = http_addr.rsplit(":", 1)
+out = {}
+for method, path in json.loads(sys.argv[3]):
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.request(method, path, body=b"" if method in ("POST", "PUT") else None)
+    response = conn.getresponse()
+    out[f"{method} {path}"] = [response.status, response.read().decode()]
+    conn.close()
+try:
+    socket.socket(socket.AF_UNIX).connect(sock_path)
+    out["socket"] = "connected"
+except OSError as exc:
+    out["socket"] = exc.strerror
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_only_root_can_change_the_daemon(launch: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Any process on the node (any user, any hostNetwork pod) could ``POST /ipam/leave?force=true``,
+    ``DELETE /ip/ID``, ``DELETE /peer/X``, connect or forget on the TCP API. Now the port refuses every such
+    call, and the control socket (0600, root's) refuses every other user, while root's CLI works."""
+    run_dir = Path(tempfile.mkdtemp(prefix="weaved-api-", dir="/tmp"))
+    try:
+        run_dir.chmod(0o755)  # anyone may reach the socket file: only its own mode may keep them out
+        sock = run_dir / "weaved.sock"
+        a = launch("a", "--ipalloc-range", "10.44.0.0/24", env={"WEAVE_API_SOCKET": str(sock)})
+
+        attempts = [["POST", "/ipam/leave?force=true"], ["DELETE", "/ip/c1"], ["DELETE", "/peer/x"],
+                    ["POST", "/connect?peer=127.0.0.1:1"], ["POST", "/forget?peer=127.0.0.1:1"],
+                    ["POST", "/ip/c2"], ["PUT", "/ip/c3/10.44.0.50"], ["GET", "/ipam/gateway"]]
+        proc = subprocess.run([*NOBODY, sys.executable, "-c", AS_NOBODY, a.http, str(sock), json.dumps(attempts)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        answers = json.loads(proc.stdout)
+        socket_answer = answers.pop("socket")
+        for attempt, (status, text) in answers.items():
+            assert status == 405, (attempt, status, text)
+            assert "weaved CLI as root" in text and str(sock) in text, text
+        assert socket_answer == "Permission denied"
+        assert (sock.stat().st_uid, stat.S_IMODE(sock.stat().st_mode)) == (0, 0o600)
+        cni = tmp_path / "a" / "cni.sock"  # the CNI socket: its own file, as before
+        assert cni.is_socket() and cni != sock and stat.S_IMODE(cni.stat().st_mode) == 0o600
+
+        for command in (["connect", "127.0.0.1:1"], ["forget", "127.0.0.1:1"], ["ipam", "alloc", "c2"],
+                        ["ipam", "claim", "c3", "10.44.0.50"], ["ipam", "release", "c1"], ["ipam", "gateway"],
+                        ["rmpeer", "x"], ["reset", "--force"]):
+            proc = subprocess.run([*NOBODY, sys.executable, "-m", "weaved", *command, "--api-socket", str(sock)],
+                                  capture_output=True, text=True, timeout=20, check=False)
+            assert proc.returncode == 1, (command, proc.stderr)
+            assert proc.stderr.startswith(f"weaved: permission denied on the weaved control socket {sock}"), \
+                proc.stderr
+        report = a.report()  # nothing changed: no target, no lease, IPAM neither seeded nor left
+        assert report["targets"] == [] and report["ipam"]["leases"] == 0 and report["ipam"]["state"] == "idle"
+        reads = subprocess.run([*NOBODY, sys.executable, "-m", "weaved", "status", "targets", "--api", a.http],
+                               capture_output=True, text=True, timeout=20, check=False)
+        assert (reads.returncode, reads.stdout) == (0, ""), "reading the status needs no privilege"
+
+        root = weaved("ipam", "alloc", "c1", "--api-socket", str(sock), timeout=40)
+        assert (root.returncode, root.stdout) == (0, "10.44.0.1/24\n"), root.stderr
+        root = weaved("connect", "127.0.0.1:1", env={"WEAVE_API_SOCKET": str(sock)})
+        assert (root.returncode, root.stdout) == (0, "connecting to 127.0.0.1:1\n"), root.stderr
+        report = a.report()
+        assert report["targets"] == ["127.0.0.1:1"] and report["ipam"]["leases"] == 1
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_startup_errors_are_one_line_and_exit_1(launch: Callable[..., Daemon], tmp_path: Path) -> None:

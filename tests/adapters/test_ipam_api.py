@@ -3,14 +3,13 @@ itself), and the service's durability rule checked directly with a store that ca
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import random
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,14 +22,14 @@ import pytest
 import weaved
 from weaved import cli
 from weaved.adapters import ipam as ipam_module
-from weaved.adapters.api import api_app
+from weaved.adapters.api import control_app, status_app
 from weaved.adapters.client import ApiError, Client
 from weaved.adapters.daemon import Node
 from weaved.adapters.ipam import GATEWAY_ID, REMOVED_STATE, IpamService
 from weaved.adapters.metrics import metrics_registry
 from weaved.adapters.store import SnapshotStore, Stored
 from weaved.adapters.udp import open_control_socket
-from weaved.adapters.webserver import serve_app
+from weaved.adapters.webserver import serve_app, serve_unix_app
 from weaved.config import HostPort
 from weaved.core.events import PeerJoined, PeerRestarted, RelayDelivered
 from weaved.core.ipam.allocator import Allocator, AllocError
@@ -64,13 +63,19 @@ async def call(fn: Callable[..., T], *args: Any) -> T:
 
 
 def http_status(address: str, method: str, path: str) -> int:
-    request = urllib.request.Request(f"http://{address}{path}", method=method,
-                                     data=b"" if method in ("POST", "PUT") else None)
+    """The status of ``method path`` on the control socket at ``address``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(address)
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = sock
     try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+        conn.request(method, path, body=b"" if method in ("POST", "PUT") else None)
+        response = conn.getresponse()
+        response.read()
+        return int(response.status)
+    finally:
+        conn.close()
 
 
 class GatedStore(SnapshotStore):
@@ -94,6 +99,8 @@ class Served:
     node: Node
     client: Client
     store: SnapshotStore
+    http: str
+    """The read-only TCP API (``client`` talks to the control socket)."""
 
     @property
     def address(self) -> str:
@@ -103,19 +110,23 @@ class Served:
 @asynccontextmanager
 async def served_node(state_dir: Path, *, mode: InitMode | None = None, timeout: float = 30.0,
                       store: SnapshotStore | None = None) -> AsyncIterator[Served]:
-    """A daemon node in-process (pump, API with IPAM, metrics on the API); it owns RANGE alone by default."""
+    """A daemon node in-process (pump, the control API with IPAM on a unix socket, metrics on the API); it owns
+    RANGE alone by default."""
     me = identity("a")
     store = store or SnapshotStore(state_dir)
     allocator = Allocator(me.name, RANGE, mode or SeedInit((me.name,)), random.Random(3), timeout=timeout)
     with open_control_socket("127.0.0.1", 0) as sock:
         peer = MeshPeer(me, MeshConfig(port=sock.getsockname()[1]), random.Random(3), now=time.monotonic())
         node = Node(peer, sock, allocator, store)
-        address = HostPort("127.0.0.1", free_tcp_port())
-        app = api_app(node, metrics_registry(node.snapshot, node.ipam.report), node.ipam)
+        path = state_dir.parent / f"{state_dir.name}-api.sock"  # beside it: a test may want no state dir yet
+        http = HostPort("127.0.0.1", free_tcp_port())
+        registry = metrics_registry(node.snapshot, node.ipam.report)
         async with anyio.create_task_group() as tg:
-            await tg.start(serve_app, app, address, "the HTTP API")
+            await tg.start(serve_unix_app, control_app(node, registry, node.ipam), path, "the control API")
+            await tg.start(serve_app, status_app(node, registry, node.ipam, socket_path=str(path)), http,
+                           "the HTTP API")
             tg.start_soon(node.pump)
-            yield Served(node, Client(str(address), timeout=20), store)
+            yield Served(node, Client.unix(path, timeout=20), store, str(http))
             node.stop()
             tg.cancel_scope.cancel()
 
@@ -236,9 +247,9 @@ async def test_status_report_and_metrics_show_ipam(tmp_path: Path, capsys: pytes
         assert report["ipam"]["owners"] == [
             {"name": name, "nickname": "a", "addresses": 256, "percent": 100.0, "reachable": True, "active": 2}]
 
-        assert await call(cli.main, ["status", "ipam", "--api", s.address]) == 0
+        assert await call(cli.main, ["status", "ipam", "--api", s.http]) == 0
         assert capsys.readouterr().out == text
-        assert await call(cli.main, ["status", "--api", s.address]) == 0
+        assert await call(cli.main, ["status", "--api", s.http]) == 0
         assert capsys.readouterr().out == summary
         assert summary == render_status(s.node.snapshot(), weaved.__version__, s.node.ipam.report())
         assert text == render_ipam(s.node.ipam.report())
@@ -253,7 +264,7 @@ async def test_waiting_for_consensus_says_why(tmp_path: Path, capsys: pytest.Cap
     async with served_node(tmp_path, mode=ConsensusInit(2), timeout=1.0) as s:
         assert await call(s.client.request, "GET", "/status/ipam") == "idle\n", "nothing asked for yet"
         async with anyio.create_task_group() as tg:
-            tg.start_soon(call, cli.main, ["ipam", "alloc", "c1", "--api", s.address])
+            tg.start_soon(call, cli.main, ["ipam", "alloc", "c1", "--api-socket", s.address])
             with anyio.fail_after(1):
                 while s.node.ipam.report().pending == 0:
                     await anyio.sleep(0.01)
@@ -269,7 +280,7 @@ async def test_waiting_for_consensus_says_why(tmp_path: Path, capsys: pytest.Cap
 
 async def test_cli_ipam_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     async with served_node(tmp_path) as s:
-        api = ["--api", s.address]
+        api = ["--api-socket", s.address]
         assert await call(cli.main, ["ipam", "alloc", "c1", *api]) == 0
         assert capsys.readouterr().out == "10.44.0.1/24\n"
         assert await call(cli.main, ["ipam", "alloc", "c1", "--ifname", "net1", *api]) == 0
@@ -278,7 +289,7 @@ async def test_cli_ipam_commands(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert capsys.readouterr().out == "10.44.0.3/24\n"
         assert await call(cli.main, ["ipam", "claim", "c2", "10.44.0.9", *api]) == 0
         assert capsys.readouterr().out == "10.44.0.9/24\n"
-        assert await call(cli.main, ["ipam", "leases", *api]) == 0
+        assert await call(cli.main, ["ipam", "leases", "--api", s.http]) == 0
         assert capsys.readouterr().out == (
             "10.44.0.1/24       eth0     c1\n"
             "10.44.0.2/24       net1     c1\n"
@@ -287,7 +298,7 @@ async def test_cli_ipam_commands(tmp_path: Path, capsys: pytest.CaptureFixture[s
         )
         assert await call(cli.main, ["ipam", "release", "c1", *api]) == 0
         assert capsys.readouterr().out == ""
-        assert await call(cli.main, ["ipam", "leases", "--json", *api]) == 0
+        assert await call(cli.main, ["ipam", "leases", "--json", "--api", s.http]) == 0
         assert [lease["container_id"] for lease in json.loads(capsys.readouterr().out)] == [GATEWAY_ID, "c2"]
 
         assert await call(cli.main, ["ipam", "claim", "c3", "10.44.0.9", *api]) == 1

@@ -34,7 +34,9 @@ def owners(daemon: Daemon) -> dict[str, int]:
 
 
 def cli(daemon: Daemon, *args: str) -> tuple[int, str]:
-    result = weaved(*args, "--api", daemon.http, timeout=40)
+    where = ["--api", daemon.http] if args[:1] == ("status",) or args[:2] == ("ipam", "leases") else \
+        ["--api-socket", str(daemon.api_socket)]
+    result = weaved(*args, *where, timeout=40)
     return result.returncode, result.stdout + result.stderr
 
 

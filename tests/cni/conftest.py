@@ -211,9 +211,10 @@ class Node:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def weaved(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        with_api = list(args)
-        return self.ns(sys.executable, "-m", "weaved", *with_api, "--api", self.api, check=check,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        # Read-only commands take the TCP API, the others the daemon's control socket in its state directory.
+        return self.ns(sys.executable, "-m", "weaved", *args, check=check,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "WEAVE_HTTP_ADDR": self.api,
+                            "WEAVE_API_SOCKET": str(self.work / "state" / "weaved.sock")})
 
     def leases(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = json.loads(self.weaved("ipam", "leases", "--json").stdout)

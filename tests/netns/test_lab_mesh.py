@@ -6,6 +6,7 @@ The tests share one lab and run in file order; each leaves the mesh converged fo
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -65,6 +66,33 @@ def test_exec_weaved_status_peers_lists_every_node(mesh: Lab) -> None:
 
     # One retry window: a loaded machine can catch a view between two gossip rounds.
     eventually(lists_all, 10, "`weaved status peers` on n1 lists n1, n2 and n3")
+
+
+POST_ON_TCP = """
+import http.client
+conn = http.client.HTTPConnection("127.0.0.1", 6784, timeout=5)
+conn.request("POST", "/connect?peer=198.51.100.98", body=b"")
+response = conn.getresponse()
+print(response.status, response.read().decode().strip())
+"""
+
+
+def test_exec_weaved_connect_reaches_that_nodes_own_control_socket(mesh: Lab) -> None:
+    """The nodes share one filesystem: `lab exec NODE -- weaved connect` must change NODE's daemon alone, through
+    its own control socket, while the node's TCP port refuses the same call."""
+    extra = "198.51.100.99"  # TEST-NET, no node there: only ever a target that is dialled in vain
+    done = mesh.exec("n1", "weaved", "connect", extra, check=True).stdout
+    assert done == f"connecting to {extra}:6783\n"
+    try:
+        assert f"{extra}:6783" in mesh.exec("n1", "weaved", "status", "targets", check=True).stdout.split()
+        for other in ("n2", "n3"):
+            assert f"{extra}:6783" not in mesh.exec(other, "weaved", "status", "targets", check=True).stdout.split()
+        refused = mesh.exec("n2", sys.executable, "-c", POST_ON_TCP, check=True).stdout
+        assert refused.startswith("405 POST /connect changes the daemon"), refused
+        assert "198.51.100.98:6783" not in mesh.exec("n2", "weaved", "status", "targets", check=True).stdout
+    finally:
+        assert mesh.exec("n1", "weaved", "forget", extra, check=True).stdout == f"forgot {extra}:6783\n"
+    assert f"{extra}:6783" not in mesh.exec("n1", "weaved", "status", "targets", check=True).stdout.split()
 
 
 def test_a_killed_node_is_noticed_and_logged_then_rejoins(mesh: Lab) -> None:

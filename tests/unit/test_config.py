@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from weaved import cli
+from weaved.adapters.client import control_socket
 from weaved.config import (
+    DEFAULT_API_SOCKET,
     ConfigError,
     HostPort,
     Settings,
@@ -144,6 +146,29 @@ def test_cli_reports_a_bad_setting_in_one_line_with_status_2(capsys: pytest.Capt
 def test_cli_client_commands_reject_a_malformed_api_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--api", "127.0.0.1:notaport"]) == 2
     assert capsys.readouterr().err.startswith("weaved: --api/WEAVE_HTTP_ADDR: port must be a number")
+
+
+def test_the_control_socket_is_per_state_dir_unless_given() -> None:
+    """Lab nodes (and tests) run several daemons on one filesystem: each gets its own control socket."""
+    assert settings().api_socket == Path(DEFAULT_API_SOCKET) == Path("/run/weave/weaved.sock")
+    assert settings(state_dir="/run/lab/n1").api_socket == Path("/run/lab/n1/weaved.sock")
+    assert settings({"WEAVE_STATE_DIR": "/run/lab/n2"}).api_socket == Path("/run/lab/n2/weaved.sock")
+    assert settings({"WEAVE_API_SOCKET": "/y.sock"}).api_socket == Path("/y.sock")
+    assert settings({"WEAVE_API_SOCKET": "/y.sock"}, api_socket="/x.sock").api_socket == Path("/x.sock")
+    with pytest.raises(ConfigError, match=r"--api-socket/WEAVE_API_SOCKET: .* longer than a unix socket path"):
+        settings(api_socket="/" + "x" * 120)
+
+
+def test_the_cli_finds_the_daemons_control_socket_by_the_same_rule() -> None:
+    assert control_socket(None, {}) == Path(DEFAULT_API_SOCKET)
+    assert control_socket(None, {"WEAVE_STATE_DIR": "/run/lab/n1"}) == Path("/run/lab/n1/weaved.sock")
+    assert control_socket(None, {"WEAVE_API_SOCKET": "/y.sock", "WEAVE_STATE_DIR": "/s"}) == Path("/y.sock")
+    assert control_socket("/x.sock", {"WEAVE_API_SOCKET": "/y.sock"}) == Path("/x.sock")
+
+
+def test_cli_control_commands_reject_a_socket_path_too_long(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["connect", "10.0.0.1", "--api-socket", "/" + "x" * 120]) == 2
+    assert capsys.readouterr().err.startswith("weaved: --api-socket/WEAVE_API_SOCKET: ")
 
 
 def test_ipam_defaults_follow_weave_on_kubernetes() -> None:

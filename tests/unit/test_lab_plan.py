@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerStatus
-from weaved.lab import cli, host
+from weaved.lab import cli, host, ops
 from weaved.lab.plan import (
     MAX_LAB_NAME,
     MAX_NODES,
@@ -161,6 +161,10 @@ def test_daemon_argv_lists_every_other_node_as_peer() -> None:
     assert argv[argv.index("--log-format") + 1] == "console"
     peers = [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"]
     assert peers == ["198.51.100.11", "198.51.100.13"]
+    # the nodes share one filesystem: each daemon its own control socket, which `lab exec` points the CLI at
+    assert argv[argv.index("--api-socket") + 1] == state.node("n2").api_socket == state.node("n2").state_dir + \
+        "/weaved.sock"
+    assert len({state.node(n).api_socket for n in ("n1", "n2", "n3")}) == 3
 
 
 def test_process_state() -> None:
@@ -387,10 +391,14 @@ def test_lab_errors_become_one_line_and_exit_1(capsys: pytest.CaptureFixture[str
 def test_tool_env_drops_settings_that_would_bend_the_lab(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBE_PEERS", "192.0.2.1")
     monkeypatch.setenv("WEAVE_HTTP_ADDR", "127.0.0.1:9999")
+    monkeypatch.setenv("WEAVE_API_SOCKET", "/run/weave/weaved.sock")
     monkeypatch.setenv("WEAVE_LOG_LEVEL", "debug")
     env = host.tool_env()
     assert "KUBE_PEERS" not in env
     assert "WEAVE_HTTP_ADDR" not in env
+    assert "WEAVE_API_SOCKET" not in env, "the host's daemon is not the node's"
+    state = plan_lab("x", 2, "/venv/bin/python")
+    assert ops.exec_env(state, state.node("n2"))["WEAVE_API_SOCKET"] == state.node("n2").api_socket
     assert env["WEAVE_LOG_LEVEL"] == "debug"
     assert env["PYTHONUNBUFFERED"] == "1"
 

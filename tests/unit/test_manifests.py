@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from weaved.adapters.api import api_app
+from weaved.adapters.api import status_app
 from weaved.config import DEFAULT_HTTP_ADDR, DEFAULT_METRICS_ADDR, DEFAULT_PORT, DEFAULT_STATE_DIR, parse_settings
 from weaved.core.ipam.ring import AddressRange
 from weaved.k8s.install import DAEMON_SOCKET, DEFAULT_BIN_DIR, DEFAULT_CONF_DIR
@@ -66,7 +66,7 @@ def test_probe_ports_and_paths_match_the_daemon() -> None:
     weaved = container("weaved")
     probe = weaved["readinessProbe"]["httpGet"]
     assert f"{probe['host']}:{probe['port']}" == DEFAULT_HTTP_ADDR
-    routes = {r.resource.canonical for r in api_app(None).router.routes() if r.resource}  # type: ignore[arg-type]
+    routes = {r.resource.canonical for r in status_app(None).router.routes() if r.resource}  # type: ignore[arg-type]
     assert probe["path"] in routes
     ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in weaved["ports"]}
     assert ports["control"] == (DEFAULT_PORT, "UDP")

@@ -1,7 +1,15 @@
-"""The local HTTP API on ``WEAVE_HTTP_ADDR`` (127.0.0.1:6784), with Weave Net's routes.
+"""The local HTTP API, with Weave Net's routes: read-only on ``WEAVE_HTTP_ADDR`` (127.0.0.1:6784), whole on
+the control socket ``WEAVE_API_SOCKET`` (/run/weave/weaved.sock, mode 0600).
 
 Theory of operation
 -------------------
+Who may call what: any process on the node can open 127.0.0.1:6784 (any user, any hostNetwork pod), so
+:func:`status_app` serves there only what reads (status, report, ready, metrics, lease lookups) and answers
+every mutating method, on any path, with 405 and a line naming the control socket. :func:`control_app` adds
+the calls that change the daemon (connect, forget, IPAM alloc/claim/release/gateway, rmpeer, leave) and is
+served on a unix socket only its owner (root) may connect to; the CLI's mutating commands use it. Both
+apps are built from the same handlers. The CNI plugin has its own socket (:mod:`weaved.cni.server`).
+
 Handlers translate HTTP to calls on a :class:`MeshControl` (the daemon) and back; they hold no state and
 never touch the mesh directly, so this module knows nothing about sockets, clocks or the core's internals.
 Everything runs on the daemon's single asyncio thread, so a handler needs no lock: between two awaits it
@@ -12,11 +20,12 @@ Routes (all answers ``text/plain`` except ``/report`` and ``/metrics``):
 * ``GET /status`` and ``/status/{peers,connections,targets}``: the text of ``weave status``,
 * ``GET /report``: the status snapshot as JSON with the daemon's ``version``,
 * ``GET /ready``: 200 once the daemon serves, 503 before (a Kubernetes readiness probe),
-* ``POST /connect?peer=HOST[:PORT]`` and ``POST /forget?peer=...``: add or drop dial targets
+* ``POST /connect?peer=HOST[:PORT]`` and ``POST /forget?peer=...`` (socket only): add or drop dial targets
   (``peer`` may repeat, and may also come form-encoded in the body as Weave's CLI sends it),
 * ``GET /metrics`` when a registry is given (Weave serves it here as well as on the metrics port).
 
-IPAM, for the CNI plugin and the CLI, when an :class:`IpamControl` is given (Weave's paths where it has them):
+IPAM, for the CLI, when an :class:`IpamControl` is given (Weave's paths where it has them; the GET lookups on
+both, the rest on the socket only):
 
 * ``POST /ip/{id}?ifname=eth0``: an address for the container's interface, as ``10.32.0.5/12``; asking
   again returns the same one. It waits for seeding or space as long as the allocator allows, then fails
@@ -26,7 +35,7 @@ IPAM, for the CNI plugin and the CLI, when an :class:`IpamControl` is given (Wea
   another container holds it),
 * ``DELETE /ip/{id}``: release every address of a container (idempotent, 204),
 * ``GET /ip``: every lease as JSON ``[{container_id, ifname, address}]``,
-* ``GET /ipam/gateway``: this node's own address on the pod network,
+* ``GET /ipam/gateway``: this node's own address on the pod network (socket only: the first ask allocates it),
 * ``DELETE /peer/{name-or-nickname}``: ``rmpeer``, give a dead peer's addresses to the living,
 * ``POST /ipam/leave[?force=true]``: leave the ring for good (``weaved reset``): hand every range this peer
   owns to a live peer. 200 once the heir confirmed, 202 when the hand-over is on disk and sent but not yet
@@ -43,7 +52,7 @@ Every IPAM answer that follows a change is sent only once the change is on disk 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -55,7 +64,7 @@ from weaved.adapters.ipam import DEFAULT_IFNAME
 from weaved.adapters.ipam_report import IpamReport
 from weaved.adapters.metrics import metrics_handler
 from weaved.adapters.resolve import ResolveError
-from weaved.config import ConfigError, HostPort, parse_peer
+from weaved.config import DEFAULT_API_SOCKET, ConfigError, HostPort, parse_peer
 from weaved.core.ipam.allocator import AllocError, Departure, Lease
 from weaved.core.status import MeshStatus
 from weaved.core.types import Endpoint, PeerName
@@ -314,31 +323,81 @@ async def ipam_leave(request: web.Request) -> web.Response:
                  "hand-over while it runs; keep it running until 'weaved status ipam' says confirmed\n", 202)
 
 
-def api_app(control: MeshControl, registry: CollectorRegistry | None = None,
-            ipam: IpamControl | None = None, datapath: Callable[[], DatapathReport] | None = None) -> web.Application:
-    """The API application for ``control``; with ``registry``, ``/metrics`` too; with ``ipam``, the IPAM routes;
-    with ``datapath``, a data path section in ``/status`` and ``/report``."""
-    app = web.Application()
-    app[CONTROL_KEY] = control
-    if datapath is not None:
-        app[DATAPATH_KEY] = datapath
+MUTATING_METHODS = ("POST", "PUT", "DELETE", "PATCH")
+
+REFUSED_READS = ("/ipam/gateway",)
+"""GET routes that may change state (the gateway address is allocated on first ask): socket only."""
+
+
+def _refuse_on_tcp(socket_path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The read-only port's answer to anything that would change the daemon: 405 and where to go instead."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            status=405, headers={"Allow": "GET, HEAD"},
+            text=f"{request.method} {request.path} changes the daemon: this port serves only the read-only status. "
+                 f"Use the weaved CLI as root (weaved connect|forget|ipam|rmpeer|reset), which talks to the unix "
+                 f"socket {socket_path}\n")
+
+    return refuse
+
+
+def _add_read_routes(app: web.Application, registry: CollectorRegistry | None, ipam: IpamControl | None) -> None:
     app.router.add_get("/status", status)
     app.router.add_get("/status/{view}", status_view)
     app.router.add_get("/report", report)
     app.router.add_get("/ready", ready)
-    app.router.add_post("/connect", connect)
-    app.router.add_post("/forget", forget)
     if registry is not None:
         app.router.add_get("/metrics", metrics_handler(registry))
     if ipam is not None:
-        app[IPAM_KEY] = ipam
-        app.router.add_post("/ip/{id}", ip_allocate)
         app.router.add_get("/ip/{id}", ip_lookup)
+        app.router.add_get("/ip", ip_leases)
+
+
+def _add_mutating_routes(app: web.Application, ipam: IpamControl | None) -> None:
+    app.router.add_post("/connect", connect)
+    app.router.add_post("/forget", forget)
+    if ipam is not None:
+        app.router.add_post("/ip/{id}", ip_allocate)
         app.router.add_delete("/ip/{id}", ip_release)
         app.router.add_put("/ip/{id}/{ip}", ip_claim)
         app.router.add_put("/ip/{id}/{ip}/{prefix}", ip_claim)
-        app.router.add_get("/ip", ip_leases)
         app.router.add_get("/ipam/gateway", ipam_gateway)
         app.router.add_delete("/peer/{peer}", rmpeer)
         app.router.add_post("/ipam/leave", ipam_leave)
+
+
+def _base_app(control: MeshControl, ipam: IpamControl | None, datapath: DatapathSource | None) -> web.Application:
+    app = web.Application()
+    app[CONTROL_KEY] = control
+    if datapath is not None:
+        app[DATAPATH_KEY] = datapath
+    if ipam is not None:
+        app[IPAM_KEY] = ipam
+    return app
+
+
+def status_app(control: MeshControl, registry: CollectorRegistry | None = None, ipam: IpamControl | None = None,
+               datapath: DatapathSource | None = None, *,
+               socket_path: str = DEFAULT_API_SOCKET) -> web.Application:
+    """The read-only API for ``WEAVE_HTTP_ADDR``: status, report, ready, metrics (with ``registry``) and the IPAM
+    lookups (with ``ipam``); every mutating method on any path, and ``/ipam/gateway``, answer 405 naming the
+    control socket ``socket_path``. Any local process can reach a TCP port, so nothing here may change state."""
+    app = _base_app(control, ipam, datapath)
+    _add_read_routes(app, registry, ipam)
+    refuse = _refuse_on_tcp(socket_path)
+    for path in REFUSED_READS:
+        app.router.add_get(path, refuse)
+    for method in MUTATING_METHODS:
+        app.router.add_route(method, "/{tail:.*}", refuse)
+    return app
+
+
+def control_app(control: MeshControl, registry: CollectorRegistry | None = None, ipam: IpamControl | None = None,
+                datapath: DatapathSource | None = None) -> web.Application:
+    """The whole API, for the control socket (mode 0600, see :func:`~weaved.adapters.webserver.serve_unix_app`):
+    the read-only routes of :func:`status_app` and every call that changes the daemon."""
+    app = _base_app(control, ipam, datapath)
+    _add_read_routes(app, registry, ipam)
+    _add_mutating_routes(app, ipam)
     return app

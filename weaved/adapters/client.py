@@ -1,22 +1,26 @@
 """A small client for the daemon's local HTTP API, on the standard library only.
 
 The CLI's client commands (``weaved status``, ``report``, ``connect``, ``forget``, ``ipam``, ``rmpeer``,
-``reset``) are short-lived: stdlib ``urllib`` keeps them quick to start and free of the daemon's dependencies. Failures
-become one of two exceptions whose text is a single line for the operator: :class:`DaemonUnreachable`
-(nothing answers, the usual case being that the daemon is not running) and :class:`ApiError` (it answered,
-with an error).
+``reset``) are short-lived: stdlib ``http.client`` keeps them quick to start and free of the daemon's
+dependencies. A :class:`Client` talks either to the read-only TCP port (:func:`api_address`) or to the
+control socket (:func:`control_socket`, :meth:`Client.unix`), the only place the daemon accepts calls that
+change it. Failures become one of two exceptions whose text is a single line for the operator:
+:class:`DaemonUnreachable` (nothing answers, the usual case being that the daemon is not running, or the
+socket is root's and we are not) and :class:`ApiError` (it answered, with an error).
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
-import urllib.error
+import socket
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from weaved.config import DEFAULT_HTTP_ADDR, parse_host_port
+from weaved.config import DEFAULT_HTTP_ADDR, DEFAULT_STATE_DIR, api_socket_path, parse_host_port
 
 TIMEOUT = 5.0
 """Seconds to wait for the daemon; it answers from memory, so anything longer means trouble."""
@@ -45,35 +49,82 @@ def api_address(flag: str | None, env: Mapping[str, str]) -> str:
     return f"[{host}]:{addr.port}" if ":" in host else f"{host}:{addr.port}"
 
 
+def control_socket(flag: str | None, env: Mapping[str, str]) -> Path:
+    """``--api-socket``, else ``WEAVE_API_SOCKET``, else the daemon's default for ``WEAVE_STATE_DIR`` (the same
+    rule as ``weaved run``'s). Raises :class:`~weaved.config.ConfigError` on a path too long for a socket."""
+    return api_socket_path(flag or env.get("WEAVE_API_SOCKET", "").strip(),
+                           env.get("WEAVE_STATE_DIR", "").strip() or DEFAULT_STATE_DIR)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a unix stream socket (the ``Host`` header says ``localhost``)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class Client:
-    """Requests to the daemon at ``address`` (``host:port``)."""
+    """Requests to the daemon at ``address``: ``host:port``, or a socket path with :meth:`unix`."""
 
     def __init__(self, address: str, timeout: float = TIMEOUT) -> None:
         self.address = address
         self._timeout = timeout
+        self._socket: str | None = None
+
+    @classmethod
+    def unix(cls, path: str | Path, timeout: float = TIMEOUT) -> Client:
+        """A client of the control socket at ``path``."""
+        client = cls(str(path), timeout)
+        client._socket = str(path)
+        return client
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._socket is not None:
+            return _UnixConnection(self._socket, self._timeout)
+        host, _, port = self.address.rpartition(":")
+        return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self._timeout)
 
     def request(self, method: str, path: str, params: Mapping[str, str] | None = None) -> str:
         """The body of ``method path?params``; raises :class:`DaemonUnreachable` or :class:`ApiError`."""
-        url = f"http://{self.address}{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        request = urllib.request.Request(url, method=method, data=b"" if method in ("POST", "PUT") else None)
+        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
+        conn = self._connection()
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                body: bytes = response.read()
-                return body.decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as exc:
-            text = exc.read().decode("utf-8", errors="replace").strip() or exc.reason
-            raise ApiError(f"the daemon at {self.address} refused {method} {path}: {text}") from None
-        except urllib.error.URLError as exc:
-            raise DaemonUnreachable(self._unreachable(exc.reason)) from None
-        except (TimeoutError, ConnectionError) as exc:
+            conn.request(method, target, body=b"" if method in ("POST", "PUT") else None)
+            response = conn.getresponse()
+            status, reason, body = response.status, response.reason, response.read()
+        except (OSError, http.client.HTTPException) as exc:
             raise DaemonUnreachable(self._unreachable(exc)) from None
+        finally:
+            conn.close()
+        text = body.decode("utf-8", errors="replace")
+        if not 200 <= status < 300:
+            raise ApiError(f"the daemon at {self.address} refused {method} {path}: {text.strip() or reason}")
+        return text
 
-    def _unreachable(self, reason: Any) -> str:
-        why = getattr(reason, "strerror", None) or str(reason)
+    def _unreachable(self, exc: Exception) -> str:
+        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EACCES:
+            return (f"permission denied on the weaved control socket {self.address}: calls that change the daemon "
+                    "are root's; run this command as root (e.g. with sudo)")
+        if isinstance(exc, TimeoutError):
+            why = "timed out"
+        elif isinstance(exc, OSError) and exc.strerror:
+            why = exc.strerror
+        else:
+            why = str(exc) or type(exc).__name__
+        where = "--api-socket / WEAVE_API_SOCKET" if self._socket is not None else "--api / WEAVE_HTTP_ADDR"
         return (f"cannot reach the weaved daemon at {self.address} ({why.lower()}): is it running? "
-                f"Start it with 'weaved run', or point --api / WEAVE_HTTP_ADDR at it")
+                f"Start it with 'weaved run', or point {where} at it")
 
     def report(self) -> dict[str, Any]:
         text = self.request("GET", "/report")

@@ -13,7 +13,8 @@ One anyio task group on the asyncio backend holds everything:
   :mod:`weaved.adapters.ipam`), and send whatever the core queued. The control socket is a plain
   non-blocking socket (see :mod:`weaved.adapters.udp` for why) that only the pump reads and writes; only
   this module reads the clock (``time.monotonic``), and passes ``now`` to the core and the allocator.
-* the HTTP API and the metrics server (aiohttp, each a task from :func:`~weaved.adapters.webserver.serve_app`),
+* the HTTP API (read-only on TCP, whole on the control socket: :mod:`weaved.adapters.api`) and the metrics
+  server (aiohttp, each a task from :mod:`weaved.adapters.webserver`),
 * a resolver for ``--peer`` host names, retrying those DNS cannot answer yet,
 * the periodic ``mesh summary`` log line,
 * the data path (:class:`~weaved.adapters.datapath.Datapath`, unless ``--no-datapath``): its packet
@@ -47,7 +48,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 import weaved
-from weaved.adapters.api import api_app
+from weaved.adapters.api import control_app, status_app
 from weaved.adapters.datapath import Datapath, DatapathError, advertised_chunk
 from weaved.adapters.identity import IdentityError, load_identity
 from weaved.adapters.ipam import IpamService, open_allocator
@@ -57,7 +58,7 @@ from weaved.adapters.password import PasswordError, secure_config
 from weaved.adapters.resolve import ResolveError, resolve
 from weaved.adapters.store import SnapshotStore, StoreError
 from weaved.adapters.udp import MAX_DATAGRAM, RECEIVE_ERROR_PREFIX, DatagramSender, errno_name, open_control_socket
-from weaved.adapters.webserver import ListenError, serve_app
+from weaved.adapters.webserver import ListenError, serve_app, serve_unix_app
 from weaved.cni.service import CniSocketError, start_cni
 from weaved.config import HostPort, Settings, describe_init
 from weaved.core import superframe
@@ -303,14 +304,18 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
                  trusted_subnets=",".join(map(str, settings.trusted_subnets)) or "none")
         async with anyio.create_task_group() as tg:
             await tg.start(node.watch_signals)
-            await tg.start(serve_app, api_app(node, registry, node.ipam, datapath_report), settings.http_addr,
-                           "the HTTP API")
+            await tg.start(serve_app, status_app(node, registry, node.ipam, datapath_report,
+                                                 socket_path=str(settings.api_socket)),
+                           settings.http_addr, "the HTTP API")
+            await tg.start(serve_unix_app, control_app(node, registry, node.ipam, datapath_report),
+                           settings.api_socket, "the control API")
             await tg.start(serve_app, metrics_app(registry), settings.metrics_addr, "metrics")
             if node.datapath is not None:  # after the ports: a daemon that cannot start changes no device
                 await tg.start(node.datapath.run)
             await start_cni(tg, settings, node.ipam, pod_network or node.pod_network)
             node.set_ready()
-            log.info("weaved ready", http=str(settings.http_addr), metrics=str(settings.metrics_addr))
+            log.info("weaved ready", http=str(settings.http_addr), api_socket=str(settings.api_socket),
+                     metrics=str(settings.metrics_addr))
             tg.start_soon(node.resolve_peers, settings.peers)
             tg.start_soon(node.log_summaries)
             if settings.kube is not None:  # Node discovery and reclaim (weaved.k8s)

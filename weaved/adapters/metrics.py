@@ -1,10 +1,14 @@
-"""Prometheus metrics, read from the mesh's status snapshot at scrape time.
+"""Prometheus metrics, read from a cached copy of the mesh's status snapshot.
 
 Theory of operation
 -------------------
 The core already counts everything it does (``MeshStatus.counters``) and knows its connections and peers,
-so there is no second set of counters to keep in step: :class:`MeshCollector` takes a fresh snapshot on
-each scrape and turns it into metric families. Names follow Weave Net where it has one
+so there is no second set of counters to keep in step: :class:`MeshCollector` turns a status snapshot into
+metric families. Building a snapshot walks every peer and connection on the daemon's one thread, the one
+that also sends heartbeats, so scrapes must not decide how often that happens: every source the collectors
+read is wrapped in a :class:`Cached` that rebuilds it at most once per :data:`MAX_AGE` seconds, however
+many scrapers ask (both ``/metrics`` endpoints share one registry, so one cache). A scrape sees values up to
+that old, which is well below any scrape interval. Names follow Weave Net where it has one
 (``weave_connections{state}``, ``weave_peers``) and Prometheus conventions for ours (``weaved_*``,
 counters ending in ``_total``). Every known connection state is always exported, at 0 when empty, so that
 alerts like ``weave_connections{state="failed"} > 0`` do not depend on a series appearing.
@@ -21,8 +25,10 @@ so tests and several daemons in one process never share series.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
@@ -37,6 +43,29 @@ from weaved.core.status import MeshStatus
 from weaved.render import CONNECTION_STATE_ORDER
 
 DROPPED_PREFIX = "dropped_"
+MAX_AGE = 2.0
+"""Seconds a cached snapshot serves scrapes before it is rebuilt (on the next scrape after that)."""
+
+T = TypeVar("T")
+
+
+class Cached(Generic[T]):
+    """``build()``'s value, rebuilt only when it is ``max_age`` seconds old by ``clock`` (or never built)."""
+
+    def __init__(self, build: Callable[[], T], max_age: float = MAX_AGE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._build = build
+        self._max_age = max_age
+        self._clock = clock
+        self._value: T | None = None
+        self._built_at = 0.0
+
+    def __call__(self) -> T:
+        now = self._clock()
+        if self._value is None or now - self._built_at >= self._max_age:
+            self._value = self._build()
+            self._built_at = now
+        return self._value
 
 
 def _labelled(counters: dict[str, int], prefix: str) -> list[tuple[str, int]]:
@@ -184,16 +213,16 @@ class DatapathCollector(Collector):
 
 
 def metrics_registry(snapshot: Callable[[], MeshStatus], ipam: Callable[[], IpamReport] | None = None,
-                     datapath: Callable[[], DatapathReport] | None = None) -> CollectorRegistry:
-    """A registry with the mesh collector, the IPAM and data path collectors when given, and process metrics."""
+                     datapath: Callable[[], DatapathReport] | None = None, *, max_age: float = MAX_AGE,
+                     clock: Callable[[], float] = time.monotonic) -> CollectorRegistry:
+    """A registry with the mesh collector, the IPAM and data path collectors when given (each registered
+    once, each reading its source through a :class:`Cached` of ``max_age``), and process metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MeshCollector(snapshot))
+    registry.register(MeshCollector(Cached(snapshot, max_age, clock)))
     if ipam is not None:
-        registry.register(IpamCollector(ipam))
+        registry.register(IpamCollector(Cached(ipam, max_age, clock)))
     if datapath is not None:
-        registry.register(DatapathCollector(datapath))
-    if datapath is not None:
-        registry.register(DatapathCollector(datapath))
+        registry.register(DatapathCollector(Cached(datapath, max_age, clock)))
     ProcessCollector(registry=registry)
     return registry
 

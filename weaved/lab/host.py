@@ -27,12 +27,14 @@ _ENV_DROP = (
     "WEAVE_PEERS",
     "WEAVE_PORT",
     "WEAVE_HTTP_ADDR",
+    "WEAVE_API_SOCKET",
     "WEAVE_METRICS_ADDR",
     "WEAVE_STATE_DIR",
     "WEAVE_LOG_FORMAT",
 )
 """Settings the lab fixes itself: inherited from the caller's shell they would silently add peers or move
-the API away from 127.0.0.1:6784 (``WEAVE_LOG_LEVEL`` and ``CONN_LIMIT`` still pass, on purpose)."""
+the API away from 127.0.0.1:6784 and each node's control socket (``WEAVE_LOG_LEVEL`` and ``CONN_LIMIT``
+still pass, on purpose)."""
 
 
 def require_root() -> None:

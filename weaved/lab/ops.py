@@ -132,9 +132,9 @@ def kill_daemon(state: LabState, name: str, root: Path = LAB_ROOT) -> tuple[LabS
 def weaved_in_node(
     state: LabState, node: NodeRecord, *args: str, timeout: float = REPORT_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``weaved ARGS`` (the lab's interpreter) inside the node's namespace."""
+    """Run ``weaved ARGS`` (the lab's interpreter) inside the node's namespace, with its control socket."""
     argv = [host.find_tool("ip"), "netns", "exec", node.netns, state.python, "-m", "weaved", *args]
-    return host.run(argv, timeout=timeout, check=False, env=host.tool_env())
+    return host.run(argv, timeout=timeout, check=False, env={**host.tool_env(), "WEAVE_API_SOCKET": node.api_socket})
 
 
 def read_report(state: LabState, node: NodeRecord) -> dict[str, Any] | None:
@@ -413,4 +413,5 @@ def exec_env(state: LabState, node: NodeRecord) -> Mapping[str, str]:
     env = host.tool_env()
     env["WEAVED_LAB"] = state.name
     env["WEAVED_LAB_NODE"] = node.name
+    env["WEAVE_API_SOCKET"] = node.api_socket  # so that `weaved connect|ipam|rmpeer|reset` reach this node's daemon
     return env

@@ -134,6 +134,11 @@ class NodeRecord:
     def ip(self) -> str:
         return self.address.split("/", 1)[0]
 
+    @property
+    def api_socket(self) -> str:
+        """The node daemon's control socket: the nodes share one filesystem, so each has its own path."""
+        return str(Path(self.state_dir) / "weaved.sock")
+
 
 @dataclass(frozen=True)
 class PodRecord:
@@ -238,6 +243,8 @@ def daemon_argv(state: LabState, node: str) -> list[str]:
         str(state.port),
         "--log-format",
         "console",
+        "--api-socket",
+        me.api_socket,
     ]
     for other in state.nodes:
         if other.name != node:
