@@ -178,3 +178,16 @@ def test_ipam_metrics_use_weaves_names() -> None:
 
 def test_without_ipam_there_are_no_ipam_series() -> None:
     assert all(not name.startswith(("weave_ips", "weave_ipam", "weaved_ipam")) for name, _ in scrape(status({}, [])))
+
+
+def test_encryption_handshakes_and_rekeys() -> None:
+    import dataclasses
+    snapshot = dataclasses.replace(status({"handshake_ok": 3, "handshake_auth": 5, "rekeys": 2, "dropped_replay": 1},
+                                          []), encryption="enabled")
+    samples = scrape(snapshot)
+    assert samples[("weaved_encryption_enabled", ())] == 1
+    assert samples[("weaved_handshakes_total", (("result", "ok"),))] == 3
+    assert samples[("weaved_handshakes_total", (("result", "auth"),))] == 5
+    assert samples[("weaved_rekeys_total", ())] == 2
+    assert samples[("weaved_dropped_datagrams_total", (("reason", "replay"),))] == 1
+    assert scrape(status({}, []))[("weaved_encryption_enabled", ())] == 0

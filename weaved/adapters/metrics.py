@@ -43,6 +43,7 @@ from weaved.core.status import MeshStatus
 from weaved.render import CONNECTION_STATE_ORDER
 
 DROPPED_PREFIX = "dropped_"
+HANDSHAKE_PREFIX = "handshake_"
 MAX_AGE = 2.0
 """Seconds a cached snapshot serves scrapes before it is rebuilt (on the next scrape after that)."""
 
@@ -117,6 +118,17 @@ class MeshCollector(Collector):
         for errno_name, value in _labelled(counters, SEND_ERROR_PREFIX):
             send_errors.add_metric([errno_name], value)
         yield send_errors
+
+        yield GaugeMetricFamily("weaved_encryption_enabled", "1 with a password: connections authenticated and "
+                                "encrypted (docs/security.md).", value=1 if status.encryption == "enabled" else 0)
+        handshakes = CounterMetricFamily("weaved_handshakes", "Authenticated handshakes by result (ok: ours "
+                                         "answered; answered: theirs; auth: wrong or missing password; …).",
+                                         labels=["result"])
+        for result, value in _labelled(counters, HANDSHAKE_PREFIX):
+            handshakes.add_metric([result], value)
+        yield handshakes
+        yield CounterMetricFamily("weaved_rekeys", "Sessions replaced because they were old.",
+                                  value=counters.get("rekeys", 0))
 
 
 class IpamCollector(Collector):

@@ -271,7 +271,7 @@ class SecureTransport:
         initiator = Initiator(self._config.psk, encode_claim(claim), self._config.entropy)
         link.pending = Pending(index, initiator, now + RETRY_INTERVAL)
         self._pending[index] = (link, link.pending)
-        self.counters["handshakes_initiated"] += 1
+        self.counters["handshake_initiated"] += 1
         self._send(INIT_HEADER.pack(Kind.INIT, index) + initiator.message, link.address)
 
     # --- receiving --------------------------------------------------------------------------------
