@@ -116,7 +116,7 @@ def test_inbound_garbage_is_dropped_and_counted_and_the_loop_goes_on(rig: Rig) -
         "bad-length": sleeve.encode(good, 22, 11) + b"!",
         "unknown-source": sleeve.encode(good, 44, 11),
         "unknown-destination": sleeve.encode(good, 22, 44),
-        "ttl-expired": sleeve.encode(good, 22, 33, ttl=1),
+        "ttl-expired": sleeve.encode(packet(NEAR_POD, FAR_POD), 22, 33, ttl=1),
     }
     for frame in cases.values():
         rig.near.sendto(frame, rig.address)
@@ -145,3 +145,18 @@ def test_stop_returns_promptly(rig: Rig) -> None:
     rig.loop.stop()
     assert time.monotonic() - started < 1.5
     assert not any(t.is_alive() for t in rig.loop._threads)
+
+
+def test_a_frame_with_a_spoofed_inner_address_is_dropped(rig: Rig) -> None:
+    """Regression: only the UDP source was checked; a frame from the neighbour's address could carry a packet
+    from any source (6.6.6.6) to any pod."""
+    cases = {
+        "spoofed-source": sleeve.encode(packet("6.6.6.6", OWN_POD), 22, 11),
+        "spoofed-destination": sleeve.encode(packet(NEAR_POD, "10.44.0.9"), 22, 11),  # FAR's pod, not ours
+    }
+    for frame in cases.values():
+        rig.near.sendto(frame, rig.address)
+    good = packet(NEAR_POD, OWN_POD)
+    rig.near.sendto(sleeve.encode(good, 22, 11), rig.address)
+    assert rig.tun_peer.recv(65536) == good
+    until(lambda: all(rig.loop.counters().get(f"drop_udp_{r}") == 1 for r in cases), "both counted")

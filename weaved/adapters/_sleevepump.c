@@ -64,6 +64,7 @@
 #define GSO_NONE 0
 #define GSO_TCPV4 1
 #define F_NEEDS_CSUM 1
+#define MIN_GSO_SIZE 536 /* superframe.MIN_GSO_SIZE */
 #define DRAIN 32
 #define NATIVE_FRAME_BIT (1ULL << 47)
 #define TABLE_MAGIC 0x57535431u /* "WST1" */
@@ -101,7 +102,12 @@ typedef struct {
 } sender_t;
 
 typedef struct {
-    uint32_t magic, own, n_segments, n_senders;
+    uint32_t start, end;   /* address range [start, end) owned by short id `owner` (host order) */
+    uint16_t owner, pad;
+} owner_t;
+
+typedef struct {
+    uint32_t magic, own, n_segments, n_senders, n_owners, pad;
     uint8_t known[512];    /* bit s set: short id s is known unambiguously */
 } table_head_t;
 
@@ -109,6 +115,7 @@ typedef struct {
     table_head_t head;
     const segment_t *segments;
     const sender_t *senders;
+    const owner_t *owners;
     char data[];           /* the blob, copied */
 } table_t;
 
@@ -116,8 +123,11 @@ static table_t *table_parse(const char *blob, Py_ssize_t size) {
     if ((size_t)size < sizeof(table_head_t)) return NULL;
     table_head_t head;
     memcpy(&head, blob, sizeof head);
-    if (head.magic != TABLE_MAGIC || head.n_segments > 1u << 20 || head.n_senders > 1u << 16) return NULL;
-    size_t want = sizeof head + head.n_segments * sizeof(segment_t) + head.n_senders * sizeof(sender_t);
+    if (head.magic != TABLE_MAGIC || head.n_segments > 1u << 20 || head.n_senders > 1u << 16
+        || head.n_owners > 1u << 20)
+        return NULL;
+    size_t want = sizeof head + head.n_segments * sizeof(segment_t) + head.n_senders * sizeof(sender_t)
+                  + head.n_owners * sizeof(owner_t);
     if ((size_t)size != want) return NULL;
     table_t *t = malloc(sizeof(table_t) + want);
     if (t == NULL) return NULL;
@@ -125,6 +135,7 @@ static table_t *table_parse(const char *blob, Py_ssize_t size) {
     memcpy(&t->head, blob, sizeof head);
     t->segments = (const segment_t *)(t->data + sizeof head);
     t->senders = (const sender_t *)(t->data + sizeof head + head.n_segments * sizeof(segment_t));
+    t->owners = (const owner_t *)((const char *)t->senders + head.n_senders * sizeof(sender_t));
     return t;
 }
 
@@ -139,6 +150,19 @@ static const segment_t *table_lookup(const table_t *t, uint32_t address) {
     if (lo == 0) return NULL;
     const segment_t *s = &t->segments[lo - 1];
     return address < s->end ? s : NULL;
+}
+
+/* ForwardingTable.owner: the short id owning `address`, -1 when none. */
+static int table_owner(const table_t *t, uint32_t address) {
+    uint32_t lo = 0, hi = t->head.n_owners;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (t->owners[mid].start <= address) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return -1;
+    const owner_t *o = &t->owners[lo - 1];
+    return address < o->end ? (int)o->owner : -1;
 }
 
 static int table_is_sender(const table_t *t, uint32_t ip, uint16_t port) {
@@ -229,7 +253,7 @@ static int outbound_fast(Pump *p, int sock, size_t n) {
         count(p, C_NATIVE_TX, 1);
         return 1;
     }
-    if (gso_type != GSO_TCPV4 || mss == 0) return 0;
+    if (gso_type != GSO_TCPV4 || mss < MIN_GSO_SIZE) return 0; /* small MSS: Python segments it (v1) */
     size_t ihl = (size_t)(buf[VNET_SIZE] & 0x0F) * 4;
     if (ihl < IPV4_HEADER || VNET_SIZE + ihl + 13 > n) return 0;
     size_t headers = ihl + (size_t)(buf[VNET_SIZE + ihl + 12] >> 4) * 4;
@@ -278,9 +302,9 @@ static int vnet_ok(const uint8_t *at, size_t length) {
     if (first >> 4 != 4) return 0;
     size_t ihl = (size_t)(first & 0x0F) * 4;
     if (ihl < IPV4_HEADER || ihl > inner) return 0;
-    if ((gso_type != GSO_NONE && gso_type != GSO_TCPV4) || (flags & ~0x03u)) return 0;
+    if ((gso_type != GSO_NONE && gso_type != GSO_TCPV4) || (flags & ~(unsigned)F_NEEDS_CSUM)) return 0;
     if ((flags & F_NEEDS_CSUM) && (csum_start < ihl || csum_start + csum_offset + 2 > inner)) return 0;
-    if (gso_type == GSO_TCPV4 && (mss == 0 || !(flags & F_NEEDS_CSUM) || at[VNET_SIZE + 9] != 6 || ihl + 20 > inner))
+    if (gso_type == GSO_TCPV4 && (mss < MIN_GSO_SIZE || !(flags & F_NEEDS_CSUM) || at[VNET_SIZE + 9] != 6 || ihl + 20 > inner))
         return 0;
     return 1;
 }
@@ -294,6 +318,9 @@ static int chunk_ok(const table_t *t, const uint8_t *at, size_t length, unsigned
     if (!vnet_ok(at + CHUNK_HEADER_SIZE, length - CHUNK_HEADER_SIZE)) return 0;
     if (c > 1 && at[CHUNK_HEADER_SIZE + 1] != GSO_TCPV4) return 0;
     if (!table_knows(t, src)) return 0;
+    /* ForwardingTable.check_inner: src owns the inner source, d the inner destination. */
+    const uint8_t *ip = at + PREFIX;
+    if (table_owner(t, be32(ip + 12)) != (int)src || table_owner(t, be32(ip + 16)) != (int)d) return 0;
     *dst = d;
     *count = c;
     return 1;

@@ -229,6 +229,7 @@ class ThreadedLoop(LoopBase):
                 ttl, src, dst = sleeve.decode_header(buf, n)
                 if src not in table.known:
                     raise sleeve.FrameError("unknown-source")
+                table.check_inner(buf, sleeve.HEADER_SIZE, src, dst)
             except sleeve.FrameError as exc:
                 counts["drop_udp_" + exc.reason] += 1
                 continue

@@ -278,7 +278,7 @@ class OffloadLoop(LoopBase):
             return
         chunks = -(-payload // mss)
         size = PREFIX + headers + mss
-        if not limit or size > limit or chunks > superframe.MAX_CHUNKS:
+        if not limit or size > limit or chunks > superframe.MAX_CHUNKS or mss < superframe.MIN_GSO_SIZE:
             counts["tx_segmented"] += 1
             for packet in superframe.segments(view[:VNET_SIZE], view[VNET_SIZE:n]):
                 self._send_packet_v1(packet, dst, address)
@@ -381,6 +381,7 @@ class OffloadLoop(LoopBase):
         decoded = superframe.decode_chunk(self._rx, at, length)
         if decoded[1] not in self.table.known:
             raise FrameError("unknown-source")
+        self.table.check_inner(self._rx, at + PREFIX, decoded[1], decoded[2])
         return decoded
 
     def _deliver(self, iov: Sequence[Buffer], length: int, chunks: int) -> None:
@@ -431,6 +432,7 @@ class OffloadLoop(LoopBase):
                     ttl, src, dst = sleeve.decode_header(view[at:at + length], length)
                     if src not in table.known:
                         raise FrameError("unknown-source")
+                    table.check_inner(rx, at + sleeve.HEADER_SIZE, src, dst)
                     if dst == table.own_short_id:
                         self._deliver_v1(view[at + sleeve.HEADER_SIZE:at + length])
                     else:

@@ -84,6 +84,10 @@ TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 OVERLAY: Final = "sleeve-gso"
 """Advertised as ``sleeve-gso:SIZE`` by a peer that takes version-2 frames of chunks up to SIZE bytes."""
 MIN_CHUNK: Final = PREFIX + sleeve.IPV4_HEADER + 20 + 1
+MIN_GSO_SIZE: Final = 536
+"""The smallest segment size a received super-packet may have (IPv4's default MSS): a virtio header with
+gso_size 1 would make the TUN (or a relay's userspace segmentation) cut one chunk into ~1,400 packets. A
+sender whose TCP really uses a smaller MSS cuts those super-packets itself (version-1 segments)."""
 
 
 def pod_mtu(underlay_mtu: int) -> int:
@@ -273,11 +277,12 @@ def check_vnet(buf: bytes | bytearray | memoryview, offset: int, length: int) ->
     ihl = (first & 0x0F) * 4
     if ihl < sleeve.IPV4_HEADER or ihl > inner:
         raise FrameError("bad-ip-header")
-    if gso_type not in (GSO_NONE, GSO_TCPV4) or flags & ~0x03:
+    # Only NEEDS_CSUM: DATA_VALID (2) would tell the pod's stack that the checksum was already verified.
+    if gso_type not in (GSO_NONE, GSO_TCPV4) or flags & ~F_NEEDS_CSUM:
         raise FrameError("bad-vnet")
     if flags & F_NEEDS_CSUM and (csum_start < ihl or csum_start + csum_offset + 2 > inner):
         raise FrameError("bad-vnet")
-    if gso_type == GSO_TCPV4 and (mss == 0 or not flags & F_NEEDS_CSUM or buf[offset + VNET_SIZE + 9] != 6
+    if gso_type == GSO_TCPV4 and (mss < MIN_GSO_SIZE or not flags & F_NEEDS_CSUM or buf[offset + VNET_SIZE + 9] != 6
                                   or ihl + 20 > inner):
         raise FrameError("bad-vnet")
 
@@ -292,7 +297,10 @@ def batch_words(count: int, size: int) -> struct.Struct:
 
 def is_whole_frame(buf: bytes | bytearray | memoryview, count: int, size: int) -> bool:
     """True when the ``count`` chunks of ``size`` bytes at the start of ``buf`` are exactly chunks
-    ``0..count-1`` of one frame, in order."""
+    ``0..count-1`` of one frame, in order. False (never an exception) for sizes that cannot hold a chunk
+    header or a ``buf`` too short for them."""
+    if count < 1 or size < WORD_OFFSET + WORD.size or len(buf) < (count - 1) * size + WORD_OFFSET + WORD.size:
+        return False
     if count == 1:  # ACKs, UDP, ICMP: no Struct per datagram size
         return bool(WORD.unpack_from(buf, WORD_OFFSET)[0] & 0xFFFF == 1)
     words = batch_words(count, size).unpack_from(buf, 0)
