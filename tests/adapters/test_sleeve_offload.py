@@ -230,7 +230,7 @@ def test_the_packed_table_is_what_the_pump_reads() -> None:
     table = build(OWN, SHORT, segments, {NEAR: NEAR, PLAIN: PLAIN}, {NEAR: near_at, PLAIN: plain_at}, {NEAR: 9000})
     blob = sleeve_native.pack_table(table, own_chunk=1472)
     head = sleeve_native.HEAD.unpack_from(blob)
-    assert head[:6] == (sleeve_native.TABLE_MAGIC, 11, 3, 2, 3, 0)
+    assert head[:6] == (sleeve_native.TABLE_MAGIC, 11, 3, 2, 3, 0)  # ... 3 owners, no keys
     assert all(head[6][sid >> 3] >> (sid & 7) & 1 for sid in (11, 22, 33))
     rows = [sleeve_native.SEGMENT.unpack_from(blob, sleeve_native.HEAD.size + i * sleeve_native.SEGMENT.size)
             for i in range(3)]

@@ -17,7 +17,10 @@ Theory of operation
 
 On exit only the daemon's own descriptors are closed: the bridge, the (persistent) TUN, routes, sysctls and
 the nft table stay, so pods keep their addresses and routes while the daemon restarts. The pod MTU is the
-underlay's minus :data:`weaved.core.superframe.OVERHEAD` unless ``WEAVE_MTU`` sets it.
+underlay's minus :data:`weaved.core.superframe.OVERHEAD` (and with a password minus the seal,
+:data:`weaved.core.sleeveseal.OVERHEAD`) unless ``WEAVE_MTU`` sets it. With a password every frame to a
+neighbour in :meth:`~weaved.core.mesh.MeshPeer.sleeve_keys` is sealed (:mod:`weaved.core.sleeveseal`);
+:meth:`Datapath.refresh` rebuilds the table when those keys change (every rekey).
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Datapath:
         self._log = structlog.get_logger("weaved")
         self._loop: PacketLoop | None = None
         self._key: tuple[Any, ...] | None = None
+        self._sleeve_keys: object = None
         self._ring_state: object = None
         self._changed = anyio.Event()
         self._gateway: ipaddress.IPv4Interface | None = None
@@ -113,6 +117,7 @@ class Datapath:
             mode="offload" if self._settings.offload else "plain",
             offload_peers=len(loop.table.chunk_limits) if loop is not None and self._settings.offload else 0,
             hot_loop="C" if isinstance(loop, OffloadLoop) and loop.native else "python",
+            encrypted=self._peer.encrypted, sealed_peers=len(loop.table.keys) if loop is not None else 0,
         )
 
     # --- pump side --------------------------------------------------------------------------------
@@ -125,8 +130,9 @@ class Datapath:
         topology = self._peer.topology
         ring_state = self._ipam.allocator.ring.state
         neighbours = self._peer.neighbours()
+        sleeve_keys = self._peer.sleeve_keys()  # new at every rekey: the table (and the pump's keys) follow
         key = (topology.generation, id(ring_state), neighbours)
-        if key == self._key and ring_state is self._ring_state:
+        if key == self._key and ring_state is self._ring_state and sleeve_keys == self._sleeve_keys:
             return
         sleeve_addresses: dict[PeerName, Endpoint] = {}
         chunk_limits: dict[PeerName, int] = {}
@@ -137,10 +143,10 @@ class Datapath:
                 chunk_limits[name] = superframe.chunk_limit(overlays)
         short_ids = {name: int(entry.short_id) for name, entry in topology.entries.items()}
         loop.table = forwarding.build(self._peer.identity.name, short_ids, ring_state.segments(),
-                                      topology.next_hops(), sleeve_addresses, chunk_limits)
+                                      topology.next_hops(), sleeve_addresses, chunk_limits, sleeve_keys)
         if ring_state is not self._ring_state:
             self._changed.set()
-        self._key, self._ring_state = key, ring_state
+        self._key, self._ring_state, self._sleeve_keys = key, ring_state, sleeve_keys
 
     # --- the task ---------------------------------------------------------------------------------
 
@@ -210,7 +216,8 @@ class Datapath:
         return Desired(range=gateway.network, gateway=gateway, mtu=mtu,
                        remote=tuple(forwarding.remote_networks(segments, own)), local=tuple(local),
                        no_masq_local=self._settings.no_masq_local,
-                       tun_gso_max_size=superframe.tun_gso_max_size(mtu) if self._settings.offload else None)
+                       tun_gso_max_size=superframe.tun_gso_max_size(mtu, sealed=self._peer.encrypted)
+                       if self._settings.offload else None)
 
     def _reattach_if_gone(self) -> list[str]:
         """Someone deleted ``weave-tun``: create it again and hand the packet loop the new descriptor."""
@@ -226,9 +233,11 @@ class Datapath:
             if self._mtu is None:
                 if self._underlay_mtu is None:
                     self._underlay_mtu = await anyio.to_thread.run_sync(self._network.underlay_mtu)
-                self._mtu = self._settings.mtu or superframe.pod_mtu(self._underlay_mtu)
+                sealed = self._peer.encrypted
+                self._mtu = self._settings.mtu or superframe.pod_mtu(self._underlay_mtu, sealed=sealed)
                 self._log.info("pod mtu", mtu=self._mtu, underlay_mtu=self._underlay_mtu,
-                               source="WEAVE_MTU" if self._settings.mtu else "underlay - sleeve overhead")
+                               source="WEAVE_MTU" if self._settings.mtu else
+                               "underlay - sleeve overhead" + (" - seal" if sealed else ""))
             desired = self._desired(self._gateway, self._mtu)
             reattached = await anyio.to_thread.run_sync(self._reattach_if_gone)
             changes = await anyio.to_thread.run_sync(self._network.ensure, desired)

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from weaved.core.seal import PeerSleeveKeys
 from weaved.core.sleeve import FrameError
 from weaved.core.types import Endpoint, PeerName
 
@@ -63,6 +64,9 @@ class ForwardingTable:
     """Neighbours' sleeve addresses → the version-2 chunk size they take (``sleeve-gso:SIZE``); a neighbour
     missing here speaks version 1 only (one whole packet per datagram)."""
 
+    keys: Mapping[Address, PeerSleeveKeys] = field(default_factory=dict)
+    """Neighbours' sleeve addresses → the keys every frame to and from them is sealed with
+    (:mod:`weaved.core.sleeveseal`); a neighbour missing here exchanges plain frames."""
     owner_starts: tuple[int, ...] = ()
     owner_ends: tuple[int, ...] = ()
     owner_ids: tuple[int, ...] = ()
@@ -100,13 +104,15 @@ EMPTY = ForwardingTable(own_short_id=0)
 
 def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[tuple[int, int, PeerName]],
           next_hops: Mapping[PeerName, PeerName], sleeve_addresses: Mapping[PeerName, Endpoint],
-          chunk_limits: Mapping[PeerName, int] | None = None) -> ForwardingTable:
+          chunk_limits: Mapping[PeerName, int] | None = None,
+          sleeve_keys: Mapping[PeerName, PeerSleeveKeys] | None = None) -> ForwardingTable:
     """The table for one view of the world.
 
     ``short_ids``: every peer in the topology (ours included) → its short id. ``segments``: the ring's
     ordered ``(start, end, owner)`` pieces. ``next_hops``: the mesh's unicast next hop per reachable peer.
     ``sleeve_addresses``: established neighbours → the UDP address of their sleeve socket.
-    ``chunk_limits``: neighbours that take version-2 frames → their chunk size.
+    ``chunk_limits``: neighbours that take version-2 frames → their chunk size. ``sleeve_keys``: neighbours
+    whose frames are sealed → their keys (the mesh's :meth:`~weaved.core.mesh.MeshPeer.sleeve_keys`).
     """
     counts = Counter(short_ids.values())
     unique = {name: sid for name, sid in short_ids.items() if counts[sid] == 1}
@@ -152,6 +158,8 @@ def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[t
         known=frozenset(unique.values()),
         senders=frozenset((e.host, e.port) for e in sleeve_addresses.values()),
         peers=len(relay),
+        keys={(e.host, e.port): keys for name, e in sleeve_addresses.items()
+              if (keys := (sleeve_keys or {}).get(name)) is not None},
         owner_starts=tuple(o[0] for o in owned), owner_ends=tuple(o[1] for o in owned),
         owner_ids=tuple(o[2] for o in owned),
         chunk_limits={(e.host, e.port): limit for name, e in sleeve_addresses.items()

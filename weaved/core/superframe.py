@@ -55,6 +55,7 @@ from typing import Final
 
 from weaved.core import sleeve
 from weaved.core.sleeve import FrameError
+from weaved.core.sleeveseal import OVERHEAD as SEAL_OVERHEAD
 
 VERSION: Final = 2
 CHUNK_HEADER = struct.Struct("!HBBHHQ")
@@ -90,10 +91,12 @@ gso_size 1 would make the TUN (or a relay's userspace segmentation) cut one chun
 sender whose TCP really uses a smaller MSS cuts those super-packets itself (version-1 segments)."""
 
 
-def pod_mtu(underlay_mtu: int) -> int:
+def pod_mtu(underlay_mtu: int, sealed: bool = False) -> int:
     """The MTU pods and the TUN get so that a full-size inner packet plus :data:`OVERHEAD` fits one underlay
-    packet. The same with and without offloads, so that nodes of both kinds agree on the pod MTU."""
-    return max(sleeve.MIN_MTU, underlay_mtu - OVERHEAD)
+    packet. The same with and without offloads, so that nodes of both kinds agree on the pod MTU. ``sealed``
+    (a password): room for the seal too (:data:`weaved.core.sleeveseal.OVERHEAD`), one MTU for all peers,
+    those on trusted subnets included."""
+    return max(sleeve.MIN_MTU, underlay_mtu - OVERHEAD - (SEAL_OVERHEAD if sealed else 0))
 
 
 def word(frame: int, index: int, count: int) -> int:
@@ -106,10 +109,11 @@ def chunks_per_send(chunk: int) -> int:
     return max(1, min(MAX_GSO_SEGMENTS, UDP_MAX_PAYLOAD // chunk))
 
 
-def tun_gso_max_size(mtu: int, header: int = 52) -> int:
+def tun_gso_max_size(mtu: int, header: int = 52, sealed: bool = False) -> int:
     """The TUN's ``gso_max_size`` that keeps a super-packet (headers ``header``, MSS ``mtu - header``) within
-    one GSO send: beyond it a frame takes two sends and reaches the peer as two runs."""
-    return chunks_per_send(PREFIX + mtu) * (mtu - header) + header
+    one GSO send: beyond it a frame takes two sends and reaches the peer as two runs. ``sealed``: chunks
+    carry the seal too."""
+    return chunks_per_send(PREFIX + mtu + (SEAL_OVERHEAD if sealed else 0)) * (mtu - header) + header
 
 
 def chunk_limit(overlays: tuple[str, ...] | list[str]) -> int:
