@@ -244,8 +244,10 @@ class Datapath:
         return Desired(range=gateway.network, gateway=gateway, mtu=mtu,
                        remote=tuple(forwarding.remote_networks(segments, own)), local=tuple(local),
                        no_masq_local=self._settings.no_masq_local,
-                       tun_gso_max_size=superframe.tun_gso_max_size(mtu, sealed=self._encrypted)
-                       if self._settings.offload else None)
+                       # The formula the CNI plugin gives pod veths (it knows nothing of the seal): a TUN
+                       # limit below the pods' would make the kernel segment their super-packets in software.
+                       # A sealed frame of the last chunk too many leaves in two sends instead.
+                       tun_gso_max_size=superframe.tun_gso_max_size(mtu) if self._settings.offload else None)
 
     def _reattach_if_gone(self) -> list[str]:
         """Someone deleted ``weave-tun``: create it again and hand the packet loop the new descriptor."""

@@ -109,11 +109,11 @@ def chunks_per_send(chunk: int) -> int:
     return max(1, min(MAX_GSO_SEGMENTS, UDP_MAX_PAYLOAD // chunk))
 
 
-def tun_gso_max_size(mtu: int, header: int = 52, sealed: bool = False) -> int:
+def tun_gso_max_size(mtu: int, header: int = 52) -> int:
     """The TUN's ``gso_max_size`` that keeps a super-packet (headers ``header``, MSS ``mtu - header``) within
-    one GSO send: beyond it a frame takes two sends and reaches the peer as two runs. ``sealed``: chunks
-    carry the seal too."""
-    return chunks_per_send(PREFIX + mtu + (SEAL_OVERHEAD if sealed else 0)) * (mtu - header) + header
+    one GSO send: beyond it a frame takes two sends and reaches the peer as two runs (sealed chunks, 28 bytes
+    bigger, sometimes do: the pods' limit, set by the CNI plugin, is the same formula)."""
+    return chunks_per_send(PREFIX + mtu) * (mtu - header) + header
 
 
 def chunk_limit(overlays: tuple[str, ...] | list[str]) -> int:
