@@ -393,7 +393,7 @@ static void slots_reconcile(Pump *p, const table_t *t) {
         }
         if (found == NULL && free_slot != NULL) {
             EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-            if (ctx == NULL || !EVP_CipherInit_ex(ctx, EVP_chacha20_poly1305(), NULL, e->key, NULL, e->dir == 0)) {
+            if (ctx == NULL || !EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, e->key, NULL, e->dir == 0)) {
                 EVP_CIPHER_CTX_free(ctx);
                 continue; /* that key cannot be used: its frames go to Python, which drops them (auth) */
             }
