@@ -346,6 +346,8 @@ typedef struct {
     int running;
     pthread_t loop_thread;       /* valid while running */
     slot_t *slots;               /* MAX_SLOTS, owned by the loop thread (see Pump_seal) */
+    slot_t *live[MAX_SLOTS];     /* the keyed slots, so a lookup walks a few, not all MAX_SLOTS */
+    int n_live;
     uint8_t tx[TX_BUFFER];       /* sealed datagrams of one GSO send */
 } Pump;
 
@@ -361,17 +363,17 @@ static inline uint32_t be32(const uint8_t *b) {
 static inline uint64_t be64(const uint8_t *b) { return (uint64_t)be32(b) << 32 | be32(b + 4); }
 
 static slot_t *send_slot(Pump *p, uint32_t ip, uint16_t port) {
-    for (int i = 0; i < MAX_SLOTS; i++) {
-        slot_t *s = &p->slots[i];
-        if (s->ctx != NULL && s->dir == 0 && s->ip == ip && s->port == port) return s;
+    for (int i = 0; i < p->n_live; i++) {
+        slot_t *s = p->live[i];
+        if (s->dir == 0 && s->ip == ip && s->port == port) return s;
     }
     return NULL;
 }
 
 static slot_t *receive_slot(Pump *p, uint32_t id) {
-    for (int i = 0; i < MAX_SLOTS; i++) {
-        slot_t *s = &p->slots[i];
-        if (s->ctx != NULL && s->dir == 1 && s->id == id) return s;
+    for (int i = 0; i < p->n_live; i++) {
+        slot_t *s = p->live[i];
+        if (s->dir == 1 && s->id == id) return s;
     }
     return NULL;
 }
@@ -405,8 +407,12 @@ static void slots_reconcile(Pump *p, const table_t *t) {
         }
         if (found != NULL) found->live = 1;
     }
-    for (int i = 0; i < MAX_SLOTS; i++)
-        if (p->slots[i].ctx != NULL && !p->slots[i].live) slot_free(&p->slots[i]);
+    p->n_live = 0;
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        if (p->slots[i].ctx == NULL) continue;
+        if (p->slots[i].live) p->live[p->n_live++] = &p->slots[i];
+        else slot_free(&p->slots[i]);
+    }
 }
 
 static void put_chunk_header(uint8_t *at, unsigned src, unsigned dst, uint64_t word) {
@@ -595,12 +601,14 @@ static void deliver(Pump *p, int tun, struct iovec *iov, int iovcnt, size_t leng
  * their bytes and sets *segment to their stride; a datagram that does not open is counted and left out. */
 static size_t open_batch(Pump *p, uint8_t *rx, size_t n, size_t *segment, uint32_t ip, uint16_t port) {
     size_t step = *segment && *segment < n ? *segment : n, out = 0;
+    slot_t *last = NULL;
     for (size_t at = 0; at < n; at += step) {
         size_t len = n - at < step ? n - at : step;
         uint8_t *d = rx + at;
         if (len < 3 || (d[2] != SEALED_V1 && d[2] != SEALED_V2)) { count(p, C_DROP_UDP_UNSEALED, 1); continue; }
         if (len < CLEAR_SIZE + TAG_SIZE) { count(p, C_DROP_UDP_SHORT, 1); continue; }
-        slot_t *s = be16(d) == MAGIC ? receive_slot(p, be32(d + 8)) : NULL;
+        uint32_t id = be32(d + 8);
+        slot_t *s = be16(d) != MAGIC ? NULL : last != NULL && last->id == id ? last : (last = receive_slot(p, id));
         if (s == NULL || s->ip != ip || s->port != port) { count(p, C_DROP_UDP_AUTH, 1); continue; }
         uint64_t counter = be64(d + 12);
         if (!slot_fresh(s, counter)) { count(p, C_DROP_UDP_REPLAY, 1); continue; }

@@ -137,10 +137,10 @@ def restart_without_native(name: str) -> None:
 def restart_sealed(name: str, ips: dict[str, str]) -> int:
     """Both daemons again (C loop) with test-only sleeve keys; the pods get the sealed MTU. Returns it."""
     env = {k: v for k, v in os.environ.items() if k != "WEAVE_NO_NATIVE"}
-    # The plain MTU minus the seal, given outright: on a restart the daemon would take the bench's VXLAN
-    # device (MTU 1450) for the underlay.
-    mtu = int(ips["mtu"]) - SEAL_OVERHEAD
-    restart(name, {**env, BENCH_KEY_ENV: os.urandom(32).hex(), "WEAVE_MTU": str(mtu)}, "C", sealed=True)
+    restart(name, {**env, BENCH_KEY_ENV: os.urandom(32).hex()}, "C", sealed=True)
+    mtu = int(json.loads(in_node(name, "n1", "weaved", "report"))["datapath"]["mtu"])
+    if mtu != int(ips["mtu"]) - SEAL_OVERHEAD:
+        raise SystemExit(f"the sealed sleeve's pod MTU is {mtu}, not the plain {ips['mtu']} - {SEAL_OVERHEAD}")
     for node in ("n1", "n2"):
         sh("ip", "-n", ips[f"{node}_ns"], "link", "set", "eth0", "mtu", str(mtu))
         sh("ip", "-n", ips[f"{node}_ns"], "link", "set", "eth0", "gso_max_size",
@@ -153,6 +153,9 @@ def restart(name: str, env: dict[str, str], hot_loop: str, *, sealed: bool) -> N
     ``sealed``, seal to each other)."""
     for node in ("n1", "n2"):
         lab_cmd(name, "kill", node)
+        # The VXLAN row is measured: its device goes, or the restarted daemon would take its MTU (1450) for
+        # the underlay's and make its chunks too small for full-size packets.
+        sh("ip", "-n", node_netns(name, node), "link", "del", "vxb", check=False)
     for node in ("n1", "n2"):
         proc = subprocess.run([sys.executable, "-m", "weaved", "lab", "start", "--name", name, node], env=env,
                               capture_output=True, text=True, timeout=120, check=False)
