@@ -19,6 +19,11 @@ is the I/O around it, one thread that serves both directions:
   finished and super-packets segmented in userspace (:func:`weaved.core.superframe.segments`), slow but
   correct.
 
+* **Sealing** (a password, :mod:`weaved.core.sleeveseal`): every datagram to or from a neighbour in
+  ``table.keys`` is sealed on its own; :meth:`OffloadLoop._send` seals whatever the Python path sends
+  (through the C pump's own keys and counters when it runs), :meth:`OffloadLoop._open_batch` opens a
+  batch in place before anything else looks at it.
+
 One thread, not two: after writing a packet into the TUN the answer (a TCP ACK, a ping reply) usually
 comes back out of the TUN microseconds later, so the thread keeps polling both descriptors without
 sleeping for :data:`SPIN_SECONDS` after the last packet, and a request/response costs no extra wake-up.
