@@ -23,6 +23,8 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 # The sleeve's C hot loop is a CPython extension: the headers of the Python the venv is made from.
 python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
   2>/dev/null || need_apt+=(python3-dev)
+# It seals the sleeve with OpenSSL's libcrypto (EVP): its headers.
+[ -f /usr/include/openssl/evp.h ] || need_apt+=(libssl-dev)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || need_apt+=(libc6-dev)
 # Real CNI clients and reference plugins for tests/cni (see docs/cni.md).
 command -v containerd >/dev/null || need_apt+=(containerd)

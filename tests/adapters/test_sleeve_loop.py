@@ -116,7 +116,7 @@ def test_inbound_garbage_is_dropped_and_counted_and_the_loop_goes_on(rig: Rig) -
         "bad-length": sleeve.encode(good, 22, 11) + b"!",
         "unknown-source": sleeve.encode(good, 44, 11),
         "unknown-destination": sleeve.encode(good, 22, 44),
-        "ttl-expired": sleeve.encode(good, 22, 33, ttl=1),
+        "ttl-expired": sleeve.encode(packet(NEAR_POD, FAR_POD), 22, 33, ttl=1),
     }
     for frame in cases.values():
         rig.near.sendto(frame, rig.address)
@@ -145,3 +145,51 @@ def test_stop_returns_promptly(rig: Rig) -> None:
     rig.loop.stop()
     assert time.monotonic() - started < 1.5
     assert not any(t.is_alive() for t in rig.loop._threads)
+
+
+def test_a_frame_with_a_spoofed_inner_address_is_dropped(rig: Rig) -> None:
+    """Regression: only the UDP source was checked; a frame from the neighbour's address could carry a packet
+    from any source (6.6.6.6) to any pod."""
+    cases = {
+        "spoofed-source": sleeve.encode(packet("6.6.6.6", OWN_POD), 22, 11),
+        "spoofed-destination": sleeve.encode(packet(NEAR_POD, "10.44.0.9"), 22, 11),  # FAR's pod, not ours
+    }
+    for frame in cases.values():
+        rig.near.sendto(frame, rig.address)
+    good = packet(NEAR_POD, OWN_POD)
+    rig.near.sendto(sleeve.encode(good, 22, 11), rig.address)
+    assert rig.tun_peer.recv(65536) == good
+    until(lambda: all(rig.loop.counters().get(f"drop_udp_{r}") == 1 for r in cases), "both counted")
+
+
+def test_with_keys_frames_are_sealed_both_ways_and_relayed_sealed(rig: Rig) -> None:
+    """The plain loop (no offloads) seals too: to a keyed neighbour only sealed frames go, from it only sealed
+    frames are taken (``unsealed``), replays are dropped, and a relayed frame is sealed again."""
+    from weaved.core.seal import PeerSleeveKeys, SleeveKeys
+    from weaved.core.sleeveseal import SEALED_V1, Sealer
+
+    ours = SleeveKeys(recv_id=1, send_id=2, send_key=b"k" * 32, recv_key=b"q" * 32)
+    theirs = SleeveKeys(recv_id=2, send_id=1, send_key=b"q" * 32, recv_key=b"k" * 32)
+    near_at = Endpoint(*rig.near.getsockname())
+    segments: list[tuple[int, int, PeerName]] = [
+        (RANGE.start, RANGE.start + (1 << 19), OWN), (RANGE.start + (1 << 19), RANGE.start + (3 << 18), NEAR),
+        (RANGE.start + (3 << 18), RANGE.end, FAR)]
+    rig.loop.table = build(OWN, SHORT, segments, {NEAR: NEAR, FAR: NEAR}, {NEAR: near_at}, None,
+                           {NEAR: PeerSleeveKeys(ours)})
+    near = Sealer()
+    near.update({rig.address: PeerSleeveKeys(theirs)})
+    out = packet(OWN_POD, NEAR_POD)
+    rig.tun_peer.send(out)
+    sealed = rig.near.recv(65536)
+    assert sealed[2] == SEALED_V1 and near.open(sealed, rig.address) == sleeve.encode(out, 11, 22)
+    good = packet(NEAR_POD, OWN_POD)
+    frame = near.seal(rig.address, sleeve.encode(good, 22, 11))
+    rig.near.sendto(frame, rig.address)
+    assert rig.tun_peer.recv(65536) == good
+    rig.near.sendto(frame, rig.address)  # replayed
+    rig.near.sendto(sleeve.encode(good, 22, 11), rig.address)  # unsealed
+    relayed = packet(NEAR_POD, FAR_POD)
+    rig.near.sendto(near.seal(rig.address, sleeve.encode(relayed, 22, 33)), rig.address)
+    assert near.open(rig.near.recv(65536), rig.address) == sleeve.encode(relayed, 22, 33, ttl=sleeve.DEFAULT_TTL - 1)
+    until(lambda: (rig.loop.counters().get("drop_udp_replay"), rig.loop.counters().get("drop_udp_unsealed")) ==
+          (1, 1), "replay and unsealed counted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from weaved.core.forwarding import (
     sleeve_overlay,
 )
 from weaved.core.ipam.ring import AddressRange, seeded_state
+from weaved.core.sleeve import FrameError
 from weaved.core.types import Endpoint, PeerName, peer_name_from_bytes
 
 RANGE = AddressRange.from_cidr("10.32.0.0/12")
@@ -83,6 +85,40 @@ def test_relay_known_and_senders(world: tuple) -> None:  # type: ignore[type-arg
         elif name != OWN:
             assert sid not in table.relay
     assert table.peers == len(table.relay)
+
+
+@given(worlds(), st.lists(st.integers(RANGE.start - 5, RANGE.end + 5), min_size=1, max_size=30))
+def test_owner_is_the_unambiguous_short_id_owning_the_address(world: tuple, probes: list[int]) -> None:  # type: ignore[type-arg]
+    segments, short_ids, next_hops, addresses = world
+    table = build(OWN, short_ids, segments, next_hops, addresses)
+    ids = list(short_ids.values())
+    for address in [*probes, *(a for a, _, _ in segments), *(b - 1 for _, b, _ in segments)]:
+        owner = next((o for a, b, o in segments if a <= address < b), None)
+        expected = short_ids[owner] if owner in short_ids and ids.count(short_ids[owner]) == 1 else -1
+        assert table.owner(address) == expected
+
+
+def test_inner_addresses_must_belong_to_the_frames_peers() -> None:
+    """Regression: a frame's inner source and destination were never checked (a spoofed datagram put a
+    packet from 6.6.6.6 into a pod)."""
+    near, far = NAMES[1], NAMES[2]
+    state = seeded_state(RANGE, [OWN, near, far])
+    table = build(OWN, {OWN: 1, near: 2, far: 3}, state.segments(), {near: near, far: near}, {near: sleeve_of(near)})
+    addr = {name: next(a for a, _, o in state.segments() if o == name) + 5 for name in (OWN, near, far)}
+
+    def header(src: int, dst: int) -> bytes:
+        return bytes(12) + src.to_bytes(4, "big") + dst.to_bytes(4, "big")
+
+    table.check_inner(header(addr[near], addr[OWN]), 0, 2, 1)
+    table.check_inner(header(addr[far], addr[near]), 0, 3, 2)  # relayed: dst is the frame's dst peer
+    for src_addr, dst_addr, src, dst, reason in (
+            (0x06060606, addr[OWN], 2, 1, "spoofed-source"),
+            (addr[far], addr[OWN], 2, 1, "spoofed-source"),  # another peer's address
+            (addr[near], addr[far], 2, 1, "spoofed-destination"),
+            (addr[near], 0x0A000001, 2, 1, "spoofed-destination")):
+        with pytest.raises(FrameError) as info:
+            table.check_inner(header(src_addr, dst_addr), 0, src, dst)
+        assert info.value.reason == reason
 
 
 def test_a_short_id_collision_makes_both_peers_unroutable_not_misrouted() -> None:

@@ -173,3 +173,30 @@ def test_negotiation_strings() -> None:
     assert superframe.chunk_limit(("sleeve-gso:abc", "sleeve-gso:10")) == 0
     assert superframe.tun_gso_max_size(1446) == 44 * 1394 + 52
     assert superframe.OVERHEAD == 54
+
+
+def test_the_virtio_header_takes_only_needs_csum_and_a_sane_segment_size() -> None:
+    """Regression: DATA_VALID (2, "checksum already verified") passed, so a pod skipped its checksum check;
+    a gso_size of 1 passed, so one relayed chunk became ~1,400 packets."""
+    def reason(frame: bytes) -> str:
+        with pytest.raises(FrameError) as info:
+            decode_chunk(frame, 0, len(frame))
+        return info.value.reason
+
+    vnet, packet = super_packet(b"d" * 3000, 1000)
+    flags, gso, hdr, _mss, start, offset = VNET.unpack_from(vnet, 0)
+    assert reason(chunk(9, 0, 1, INNER, vnet=VNET.pack(2, 0, 0, 0, 0, 0))) == "bad-vnet"  # DATA_VALID alone
+    assert reason(chunk(9, 0, 3, packet[:1052], vnet=VNET.pack(flags | 2, gso, hdr, 1000, start, offset))) == \
+        "bad-vnet"
+    for mss in (1, superframe.MIN_GSO_SIZE - 1):
+        assert reason(chunk(9, 0, 3, packet[:1052], vnet=VNET.pack(flags, gso, hdr, mss, start, offset))) == \
+            "bad-vnet"
+    good = chunk(9, 0, 3, packet[:1052], vnet=VNET.pack(flags, gso, hdr, superframe.MIN_GSO_SIZE, start, offset))
+    assert decode_chunk(good, 0, len(good))[4:] == (0, 3)
+
+
+@given(st.binary(max_size=200), st.integers(-2, 300), st.integers(-2, 300))
+def test_is_whole_frame_answers_and_never_raises(buf: bytes, count: int, size: int) -> None:
+    """Regression: ``is_whole_frame(buf, 3, 10)`` raised struct.error (a GRO segment below a chunk header)."""
+    assert is_whole_frame(buf, count, size) in (True, False)
+    assert not is_whole_frame(bytes(100), 3, 10)

@@ -23,6 +23,14 @@
  * half a table and never takes the GIL to read one. Frame ids made here have bit 47 set and those made by
  * the Python path have it clear, so the two never reuse an id within a sender.
  *
+ * Sealing (weaved.core.sleeveseal is the definition): the table carries each keyed neighbour's send key and
+ * receive keys. Each key gets a slot with its own EVP_CIPHER_CTX (AES-256-GCM, keyed once) and its send
+ * counter or replay window; slots outlive tables (a rebuilt table with the same key keeps its slot, so no
+ * counter restarts). A batch from a keyed neighbour is opened in place first, datagram by datagram, the
+ * plain frames closed up at the start of the buffer (auth, replay, unsealed counted here), and the fast path
+ * or Python then sees plain frames (inbound's `opened` argument). What goes to a keyed neighbour is sealed
+ * into `tx`, one GSO send at a time; the Python path seals through Pump.seal, so every key has one counter.
+ *
  * The buffers are the Python loop's own bytearrays, held (PyBUF_WRITABLE) for the pump's lifetime so they
  * cannot be resized under the loop. Counters are per-name uint64 written by the loop thread only and read
  * with relaxed atomics; their names are the Python loop's, so the two sets add up.
@@ -44,6 +52,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #ifndef SOL_UDP
 #define SOL_UDP 17
 #endif
@@ -64,9 +75,22 @@
 #define GSO_NONE 0
 #define GSO_TCPV4 1
 #define F_NEEDS_CSUM 1
+#define MIN_GSO_SIZE 536 /* superframe.MIN_GSO_SIZE */
 #define DRAIN 32
 #define NATIVE_FRAME_BIT (1ULL << 47)
-#define TABLE_MAGIC 0x57535431u /* "WST1" */
+#define TABLE_MAGIC 0x57535432u /* "WST2" */
+#define HEADER_SIZE 8
+#define SEALED_V1 3
+#define SEALED_V2 4
+#define CLEAR_SIZE 20
+#define TAG_SIZE 16
+#define SEAL_OVERHEAD (CLEAR_SIZE - HEADER_SIZE + TAG_SIZE)
+#define KEY_SIZE 32
+#define REPLAY_WINDOW 4096
+#define COUNTER_LIMIT (UINT64_MAX - 8192u) /* seal.COUNTER_LIMIT: 2**64 - 2**13 - 1 */
+#define MAX_SLOTS 1024
+#define SENDER_SEALED 1
+#define TX_BUFFER (UDP_MAX_PAYLOAD + MAX_GSO_SEGMENTS * SEAL_OVERHEAD + 64)
 
 /* --- counters ------------------------------------------------------------------------------------------ */
 
@@ -74,7 +98,8 @@ enum counter {
     C_TX_PACKETS, C_TX_BYTES, C_TX_SUPERPACKETS, C_TX_CHUNKS,
     C_RX_PACKETS, C_RX_BYTES, C_RX_SUPERPACKETS, C_RX_CHUNKS,
     C_DROP_TUN_TOO_BIG, C_DROP_TUN_SEND_ERROR, C_DROP_UDP_TRUNCATED, C_DROP_UDP_BAD_LENGTH,
-    C_DROP_UDP_TUN_WRITE_ERROR, C_TUN_READ_ERRORS, C_UDP_RECEIVE_ERRORS, C_NATIVE_TX, C_NATIVE_RX, C_COUNT
+    C_DROP_UDP_TUN_WRITE_ERROR, C_TUN_READ_ERRORS, C_UDP_RECEIVE_ERRORS, C_NATIVE_TX, C_NATIVE_RX,
+    C_TX_SEALED, C_RX_SEALED, C_DROP_UDP_AUTH, C_DROP_UDP_REPLAY, C_DROP_UDP_UNSEALED, C_DROP_UDP_SHORT, C_COUNT
 };
 
 static const char *const counter_names[C_COUNT] = {
@@ -82,6 +107,7 @@ static const char *const counter_names[C_COUNT] = {
     "rx_packets", "rx_bytes", "rx_superpackets", "rx_chunks",
     "drop_tun_too-big", "drop_tun_send-error", "drop_udp_truncated", "drop_udp_bad-length",
     "drop_udp_tun-write-error", "tun_read_errors", "udp_receive_errors", "native_tx_packets", "native_rx_packets",
+    "tx_sealed", "rx_sealed", "drop_udp_auth", "drop_udp_replay", "drop_udp_unsealed", "drop_udp_short",
 };
 
 /* --- the forwarding table as the loop reads it ------------------------------------------------------- */
@@ -97,11 +123,23 @@ typedef struct {
 
 typedef struct {
     uint32_t ip;           /* network order */
-    uint16_t port, pad;    /* host order */
+    uint16_t port, flags;  /* host order; SENDER_SEALED: we share keys, every frame is sealed */
 } sender_t;
 
 typedef struct {
-    uint32_t magic, own, n_segments, n_senders;
+    uint32_t ip;           /* the neighbour's sleeve address, network order */
+    uint16_t port, dir;    /* host order; dir 0: we seal with it, 1: we open with it */
+    uint32_t id;           /* the key id on the wire (SleeveKeys.send_id or recv_id) */
+    uint8_t key[KEY_SIZE];
+} key_entry_t;
+
+typedef struct {
+    uint32_t start, end;   /* address range [start, end) owned by short id `owner` (host order) */
+    uint16_t owner, pad;
+} owner_t;
+
+typedef struct {
+    uint32_t magic, own, n_segments, n_senders, n_owners, n_keys;
     uint8_t known[512];    /* bit s set: short id s is known unambiguously */
 } table_head_t;
 
@@ -109,6 +147,9 @@ typedef struct {
     table_head_t head;
     const segment_t *segments;
     const sender_t *senders;
+    const owner_t *owners;
+    const key_entry_t *keys;
+    size_t size;           /* of data */
     char data[];           /* the blob, copied */
 } table_t;
 
@@ -116,16 +157,28 @@ static table_t *table_parse(const char *blob, Py_ssize_t size) {
     if ((size_t)size < sizeof(table_head_t)) return NULL;
     table_head_t head;
     memcpy(&head, blob, sizeof head);
-    if (head.magic != TABLE_MAGIC || head.n_segments > 1u << 20 || head.n_senders > 1u << 16) return NULL;
-    size_t want = sizeof head + head.n_segments * sizeof(segment_t) + head.n_senders * sizeof(sender_t);
+    if (head.magic != TABLE_MAGIC || head.n_segments > 1u << 20 || head.n_senders > 1u << 16
+        || head.n_owners > 1u << 20 || head.n_keys > MAX_SLOTS)
+        return NULL;
+    size_t want = sizeof head + head.n_segments * sizeof(segment_t) + head.n_senders * sizeof(sender_t)
+                  + head.n_owners * sizeof(owner_t) + head.n_keys * sizeof(key_entry_t);
     if ((size_t)size != want) return NULL;
     table_t *t = malloc(sizeof(table_t) + want);
     if (t == NULL) return NULL;
     memcpy(t->data, blob, want);
+    t->size = want;
     memcpy(&t->head, blob, sizeof head);
     t->segments = (const segment_t *)(t->data + sizeof head);
     t->senders = (const sender_t *)(t->data + sizeof head + head.n_segments * sizeof(segment_t));
+    t->owners = (const owner_t *)((const char *)t->senders + head.n_senders * sizeof(sender_t));
+    t->keys = (const key_entry_t *)((const char *)t->owners + head.n_owners * sizeof(owner_t));
     return t;
+}
+
+static void table_free(table_t *t) {
+    if (t == NULL) return;
+    OPENSSL_cleanse(t->data, t->size); /* the blob holds key material */
+    free(t);
 }
 
 static const segment_t *table_lookup(const table_t *t, uint32_t address) {
@@ -141,10 +194,144 @@ static const segment_t *table_lookup(const table_t *t, uint32_t address) {
     return address < s->end ? s : NULL;
 }
 
-static int table_is_sender(const table_t *t, uint32_t ip, uint16_t port) {
+/* ForwardingTable.owner: the short id owning `address`, -1 when none. */
+static int table_owner(const table_t *t, uint32_t address) {
+    uint32_t lo = 0, hi = t->head.n_owners;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (t->owners[mid].start <= address) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return -1;
+    const owner_t *o = &t->owners[lo - 1];
+    return address < o->end ? (int)o->owner : -1;
+}
+
+static const sender_t *table_sender(const table_t *t, uint32_t ip, uint16_t port) {
     for (uint32_t i = 0; i < t->head.n_senders; i++)
-        if (t->senders[i].ip == ip && t->senders[i].port == port) return 1;
-    return 0;
+        if (t->senders[i].ip == ip && t->senders[i].port == port) return &t->senders[i];
+    return NULL;
+}
+
+/* --- sealing (weaved.core.sleeveseal, the definition) --------------------------------------------------- */
+
+/* One key's state: the cipher context (keyed once), the send counter or the replay window. Slots outlive
+ * tables: a table rebuilt with the same key keeps its slot, so no counter restarts and no window forgets. */
+typedef struct {
+    EVP_CIPHER_CTX *ctx;   /* NULL: a free slot */
+    int live;
+    uint32_t ip;
+    uint16_t port, dir;
+    uint32_t id;
+    uint8_t key[KEY_SIZE];
+    uint64_t counter;      /* dir 0: the next counter to seal with */
+    uint64_t highest;      /* dir 1: highest counter accepted (valid when `any`) */
+    int any;
+    uint64_t bits[REPLAY_WINDOW / 64]; /* bit k: counter highest - k accepted */
+} slot_t;
+
+static void slot_free(slot_t *s) {
+    EVP_CIPHER_CTX_free(s->ctx);
+    OPENSSL_cleanse(s, sizeof *s);
+}
+
+static int slot_fresh(const slot_t *s, uint64_t counter) {
+    if (counter >= COUNTER_LIMIT) return 0;
+    if (!s->any || counter > s->highest) return 1;
+    uint64_t behind = s->highest - counter;
+    return behind < REPLAY_WINDOW && !((s->bits[behind / 64] >> (behind % 64)) & 1);
+}
+
+static void slot_mark(slot_t *s, uint64_t counter) {
+    if (!s->any || counter > s->highest) {
+        uint64_t shift = s->any ? counter - s->highest : REPLAY_WINDOW;
+        if (shift >= REPLAY_WINDOW) {
+            memset(s->bits, 0, sizeof s->bits);
+        } else {
+            size_t words = (size_t)(shift / 64), bits = (size_t)(shift % 64), n = REPLAY_WINDOW / 64;
+            for (size_t i = n; i-- > 0;) {
+                uint64_t v = i >= words ? s->bits[i - words] << bits : 0;
+                if (bits && i >= words + 1) v |= s->bits[i - words - 1] >> (64 - bits);
+                s->bits[i] = v;
+            }
+        }
+        s->bits[0] |= 1;
+        s->highest = counter;
+        s->any = 1;
+        return;
+    }
+    uint64_t behind = s->highest - counter;
+    s->bits[behind / 64] |= 1ULL << (behind % 64);
+}
+
+static void put_be32(uint8_t *b, uint32_t v) {
+    b[0] = (uint8_t)(v >> 24); b[1] = (uint8_t)(v >> 16); b[2] = (uint8_t)(v >> 8); b[3] = (uint8_t)v;
+}
+
+static void make_nonce(uint8_t nonce[12], uint64_t counter) { /* seal.nonce: 4 zero bytes, counter LE */
+    memset(nonce, 0, 4);
+    for (int i = 0; i < 8; i++) nonce[4 + i] = (uint8_t)(counter >> (8 * i));
+}
+
+/* A read position in a stream of iovecs. */
+typedef struct {
+    const struct iovec *iov;
+    int cnt, i;
+    size_t off;
+} cursor_t;
+
+static void cursor_copy(cursor_t *c, uint8_t *dst, size_t n) {
+    while (n > 0 && c->i < c->cnt) {
+        size_t avail = c->iov[c->i].iov_len - c->off, take = avail < n ? avail : n;
+        memcpy(dst, (const uint8_t *)c->iov[c->i].iov_base + c->off, take);
+        dst += take; n -= take; c->off += take;
+        if (c->off == c->iov[c->i].iov_len) { c->i++; c->off = 0; }
+    }
+}
+
+static int cursor_encrypt(cursor_t *c, EVP_CIPHER_CTX *ctx, uint8_t *dst, size_t n) {
+    while (n > 0 && c->i < c->cnt) {
+        size_t avail = c->iov[c->i].iov_len - c->off, take = avail < n ? avail : n;
+        int len;
+        if (!EVP_EncryptUpdate(ctx, dst, &len, (const uint8_t *)c->iov[c->i].iov_base + c->off, (int)take))
+            return 0;
+        dst += len; n -= take; c->off += take;
+        if (c->off == c->iov[c->i].iov_len) { c->i++; c->off = 0; }
+    }
+    return n == 0;
+}
+
+/* Sealer.seal_batch: the plain frames in `iov` (`total` bytes, each `segment` bytes, the last may be shorter;
+ * 0: one frame), each sealed on its own into `out` (room for total + frames * SEAL_OVERHEAD). Returns the
+ * bytes written, or -1 when the key's counter would run out (nothing sealed then) or the cipher failed. */
+static ssize_t seal_stream(slot_t *s, const struct iovec *iov, int iovcnt, size_t total, size_t segment,
+                           uint8_t *out) {
+    size_t step = segment && segment < total ? segment : total, frames = step ? (total + step - 1) / step : 0;
+    if (frames == 0 || s->counter >= COUNTER_LIMIT - frames) return -1;
+    cursor_t c = {iov, iovcnt, 0, 0};
+    uint8_t *at = out;
+    for (size_t done = 0; done < total; done += step) {
+        size_t len = total - done < step ? total - done : step;
+        if (len < HEADER_SIZE) return -1;
+        uint8_t head[HEADER_SIZE], nonce[12];
+        cursor_copy(&c, head, HEADER_SIZE);
+        uint64_t counter = s->counter++;
+        memcpy(at, head, HEADER_SIZE);
+        at[2] = (uint8_t)(head[2] + 2);
+        put_be32(at + 8, s->id);
+        put_be32(at + 12, (uint32_t)(counter >> 32));
+        put_be32(at + 16, (uint32_t)counter);
+        make_nonce(nonce, counter);
+        int l;
+        size_t body = len - HEADER_SIZE;
+        if (!EVP_EncryptInit_ex(s->ctx, NULL, NULL, NULL, nonce) || !EVP_EncryptUpdate(s->ctx, NULL, &l, at, CLEAR_SIZE)
+            || !cursor_encrypt(&c, s->ctx, at + CLEAR_SIZE, body)
+            || !EVP_EncryptFinal_ex(s->ctx, at + CLEAR_SIZE + body, &l)
+            || !EVP_CIPHER_CTX_ctrl(s->ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, at + CLEAR_SIZE + body))
+            return -1;
+        at += CLEAR_SIZE + body + TAG_SIZE;
+    }
+    return at - out;
 }
 
 static int table_knows(const table_t *t, unsigned short_id) {
@@ -165,6 +352,11 @@ typedef struct {
     uint8_t prefixes[CHUNK_HEADER_SIZE + (MAX_CHUNKS - 1) * (PREFIX + 60 + 60)];
     struct iovec iov[2 * MAX_CHUNKS];
     int running;
+    pthread_t loop_thread;       /* valid while running */
+    slot_t *slots;               /* MAX_SLOTS, owned by the loop thread (see Pump_seal) */
+    slot_t *live[MAX_SLOTS];     /* the keyed slots, so a lookup walks a few, not all MAX_SLOTS */
+    int n_live;
+    uint8_t tx[TX_BUFFER];       /* sealed datagrams of one GSO send */
 } Pump;
 
 static inline void count(Pump *p, enum counter c, uint64_t by) {
@@ -177,6 +369,59 @@ static inline uint32_t be32(const uint8_t *b) {
     return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
 }
 static inline uint64_t be64(const uint8_t *b) { return (uint64_t)be32(b) << 32 | be32(b + 4); }
+
+static slot_t *send_slot(Pump *p, uint32_t ip, uint16_t port) {
+    for (int i = 0; i < p->n_live; i++) {
+        slot_t *s = p->live[i];
+        if (s->dir == 0 && s->ip == ip && s->port == port) return s;
+    }
+    return NULL;
+}
+
+static slot_t *receive_slot(Pump *p, uint32_t id) {
+    for (int i = 0; i < p->n_live; i++) {
+        slot_t *s = p->live[i];
+        if (s->dir == 1 && s->id == id) return s;
+    }
+    return NULL;
+}
+
+/* Sealer.update: keep the slots of keys the table still has, key new ones once, free the rest. */
+static void slots_reconcile(Pump *p, const table_t *t) {
+    for (int i = 0; i < MAX_SLOTS; i++) p->slots[i].live = 0;
+    for (uint32_t k = 0; k < t->head.n_keys; k++) {
+        const key_entry_t *e = &t->keys[k];
+        slot_t *free_slot = NULL, *found = NULL;
+        for (int i = 0; i < MAX_SLOTS && found == NULL; i++) {
+            slot_t *s = &p->slots[i];
+            if (s->ctx == NULL) {
+                if (free_slot == NULL) free_slot = s;
+            } else if (s->ip == e->ip && s->port == e->port && s->dir == e->dir && s->id == e->id
+                       && CRYPTO_memcmp(s->key, e->key, KEY_SIZE) == 0) {
+                found = s;
+            }
+        }
+        if (found == NULL && free_slot != NULL) {
+            EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+            if (ctx == NULL || !EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, e->key, NULL, e->dir == 0)) {
+                EVP_CIPHER_CTX_free(ctx);
+                continue; /* that key cannot be used: its frames go to Python, which drops them (auth) */
+            }
+            found = free_slot;
+            memset(found, 0, sizeof *found);
+            found->ctx = ctx;
+            found->ip = e->ip; found->port = e->port; found->dir = e->dir; found->id = e->id;
+            memcpy(found->key, e->key, KEY_SIZE);
+        }
+        if (found != NULL) found->live = 1;
+    }
+    p->n_live = 0;
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        if (p->slots[i].ctx == NULL) continue;
+        if (p->slots[i].live) p->live[p->n_live++] = &p->slots[i];
+        else slot_free(&p->slots[i]);
+    }
+}
 
 static void put_chunk_header(uint8_t *at, unsigned src, unsigned dst, uint64_t word) {
     at[0] = MAGIC >> 8; at[1] = MAGIC & 0xFF; at[2] = VERSION2; at[3] = DEFAULT_TTL;
@@ -209,6 +454,22 @@ static void send_datagrams(Pump *p, int sock, const segment_t *route, struct iov
     if (sent < 0) count(p, errno == EMSGSIZE || errno == EINVAL ? C_DROP_TUN_TOO_BIG : C_DROP_TUN_SEND_ERROR, 1);
 }
 
+/* send_datagrams of the plain frames in `iov` (each `segment` bytes; 0: one frame), sealed with `s`. */
+static void send_sealed(Pump *p, int sock, const segment_t *route, slot_t *s, struct iovec *iov, int iovcnt,
+                        size_t segment) {
+    size_t total = 0;
+    for (int i = 0; i < iovcnt; i++) total += iov[i].iov_len;
+    ssize_t sealed = seal_stream(s, iov, iovcnt, total, segment, p->tx);
+    if (sealed < 0) {
+        count(p, C_DROP_TUN_SEND_ERROR, 1);
+        return;
+    }
+    struct iovec out = {p->tx, (size_t)sealed};
+    size_t frames = segment && segment < total ? (total + segment - 1) / segment : 1;
+    send_datagrams(p, sock, route, &out, 1, frames > 1 ? (int)(segment + SEAL_OVERHEAD) : 0);
+    count(p, C_TX_SEALED, frames);
+}
+
 /* TUN -> UDP for the packet of n bytes in the read buffer. Returns 1 when handled, 0 for the Python path. */
 static int outbound_fast(Pump *p, int sock, size_t n) {
     const table_t *t = p->current;
@@ -218,18 +479,24 @@ static int outbound_fast(Pump *p, int sock, size_t n) {
     if (route == NULL || !route->routable || route->limit == 0) return 0;
     unsigned gso_type = buf[1], mss = le16(buf + 4), limit = route->limit;
     unsigned own = t->head.own;
+    slot_t *seal = send_slot(p, route->ip, route->port);
+    if (seal != NULL) {
+        if (limit <= SEAL_OVERHEAD || seal->counter >= COUNTER_LIMIT - 2 * MAX_CHUNKS) return 0;
+        limit -= SEAL_OVERHEAD;
+    }
     if (gso_type == GSO_NONE) {
         if (CHUNK_HEADER_SIZE + n > limit) return 0;
         uint64_t frame = ++p->frame | NATIVE_FRAME_BIT;
         put_chunk_header(p->prefixes, own, route->dst, chunk_word(frame, 0, 1));
         struct iovec iov[2] = {{p->prefixes, CHUNK_HEADER_SIZE}, {buf, n}};
-        send_datagrams(p, sock, route, iov, 2, 0);
+        if (seal != NULL) send_sealed(p, sock, route, seal, iov, 2, 0);
+        else send_datagrams(p, sock, route, iov, 2, 0);
         count(p, C_TX_PACKETS, 1);
         count(p, C_TX_BYTES, n - VNET_SIZE);
         count(p, C_NATIVE_TX, 1);
         return 1;
     }
-    if (gso_type != GSO_TCPV4 || mss == 0) return 0;
+    if (gso_type != GSO_TCPV4 || mss < MIN_GSO_SIZE) return 0; /* small MSS: Python segments it (v1) */
     size_t ihl = (size_t)(buf[VNET_SIZE] & 0x0F) * 4;
     if (ihl < IPV4_HEADER || VNET_SIZE + ihl + 13 > n) return 0;
     size_t headers = ihl + (size_t)(buf[VNET_SIZE + ihl + 12] >> 4) * 4;
@@ -253,12 +520,13 @@ static int outbound_fast(Pump *p, int sock, size_t n) {
         iov[2 * i] = (struct iovec){at, prefix};
         iov[2 * i + 1] = (struct iovec){buf + from, (i + 1 == chunks ? n : from + mss) - from};
     }
-    size_t per_send = UDP_MAX_PAYLOAD / size;
+    size_t per_send = UDP_MAX_PAYLOAD / (size + (seal != NULL ? SEAL_OVERHEAD : 0));
     if (per_send > MAX_GSO_SEGMENTS) per_send = MAX_GSO_SEGMENTS;
     if (per_send < 1) per_send = 1;
     for (size_t start = 0; start < chunks; start += per_send) {
         size_t these = chunks - start < per_send ? chunks - start : per_send;
-        send_datagrams(p, sock, route, iov + 2 * start, (int)(2 * these), (int)size);
+        if (seal != NULL) send_sealed(p, sock, route, seal, iov + 2 * start, (int)(2 * these), size);
+        else send_datagrams(p, sock, route, iov + 2 * start, (int)(2 * these), (int)size);
     }
     count(p, C_TX_PACKETS, 1);
     count(p, C_TX_BYTES, n - VNET_SIZE);
@@ -278,9 +546,9 @@ static int vnet_ok(const uint8_t *at, size_t length) {
     if (first >> 4 != 4) return 0;
     size_t ihl = (size_t)(first & 0x0F) * 4;
     if (ihl < IPV4_HEADER || ihl > inner) return 0;
-    if ((gso_type != GSO_NONE && gso_type != GSO_TCPV4) || (flags & ~0x03u)) return 0;
+    if ((gso_type != GSO_NONE && gso_type != GSO_TCPV4) || (flags & ~(unsigned)F_NEEDS_CSUM)) return 0;
     if ((flags & F_NEEDS_CSUM) && (csum_start < ihl || csum_start + csum_offset + 2 > inner)) return 0;
-    if (gso_type == GSO_TCPV4 && (mss == 0 || !(flags & F_NEEDS_CSUM) || at[VNET_SIZE + 9] != 6 || ihl + 20 > inner))
+    if (gso_type == GSO_TCPV4 && (mss < MIN_GSO_SIZE || !(flags & F_NEEDS_CSUM) || at[VNET_SIZE + 9] != 6 || ihl + 20 > inner))
         return 0;
     return 1;
 }
@@ -294,6 +562,9 @@ static int chunk_ok(const table_t *t, const uint8_t *at, size_t length, unsigned
     if (!vnet_ok(at + CHUNK_HEADER_SIZE, length - CHUNK_HEADER_SIZE)) return 0;
     if (c > 1 && at[CHUNK_HEADER_SIZE + 1] != GSO_TCPV4) return 0;
     if (!table_knows(t, src)) return 0;
+    /* ForwardingTable.check_inner: src owns the inner source, d the inner destination. */
+    const uint8_t *ip = at + PREFIX;
+    if (table_owner(t, be32(ip + 12)) != (int)src || table_owner(t, be32(ip + 16)) != (int)d) return 0;
     *dst = d;
     *count = c;
     return 1;
@@ -333,12 +604,66 @@ static void deliver(Pump *p, int tun, struct iovec *iov, int iovcnt, size_t leng
     }
 }
 
-/* UDP -> TUN for the n bytes (GRO segment size `segment`, 0: none) from `from`. 1 when handled. */
-static int inbound_fast(Pump *p, int tun, size_t n, size_t segment, const struct sockaddr_in *from) {
+/* OffloadLoop._open_batch: open every datagram of a batch (`segment` bytes apart, 0: one) from the
+ * neighbour at ip:port we share keys with, in place, the plain frames closed up from the start of rx. Returns
+ * their bytes and sets *segment to their stride; a datagram that does not open is counted and left out. */
+static size_t open_batch(Pump *p, uint8_t *rx, size_t n, size_t *segment, uint32_t ip, uint16_t port) {
+    size_t step = *segment && *segment < n ? *segment : n, out = 0;
+    slot_t *last = NULL;
+    for (size_t at = 0; at < n; at += step) {
+        size_t len = n - at < step ? n - at : step;
+        uint8_t *d = rx + at;
+        if (len < 3 || (d[2] != SEALED_V1 && d[2] != SEALED_V2)) { count(p, C_DROP_UDP_UNSEALED, 1); continue; }
+        if (len < CLEAR_SIZE + TAG_SIZE) { count(p, C_DROP_UDP_SHORT, 1); continue; }
+        uint32_t id = be32(d + 8);
+        slot_t *s = be16(d) != MAGIC ? NULL : last != NULL && last->id == id ? last : (last = receive_slot(p, id));
+        if (s == NULL || s->ip != ip || s->port != port) { count(p, C_DROP_UDP_AUTH, 1); continue; }
+        uint64_t counter = be64(d + 12);
+        if (!slot_fresh(s, counter)) { count(p, C_DROP_UDP_REPLAY, 1); continue; }
+        uint8_t nonce[12], tag[TAG_SIZE], head[HEADER_SIZE];
+        size_t body = len - CLEAR_SIZE - TAG_SIZE;
+        make_nonce(nonce, counter);
+        memcpy(tag, d + CLEAR_SIZE + body, TAG_SIZE);
+        int l;
+        if (!EVP_DecryptInit_ex(s->ctx, NULL, NULL, NULL, nonce) || !EVP_DecryptUpdate(s->ctx, NULL, &l, d, CLEAR_SIZE)
+            || !EVP_DecryptUpdate(s->ctx, d + CLEAR_SIZE, &l, d + CLEAR_SIZE, (int)body)
+            || !EVP_CIPHER_CTX_ctrl(s->ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
+            || EVP_DecryptFinal_ex(s->ctx, d + CLEAR_SIZE + body, &l) <= 0) {
+            count(p, C_DROP_UDP_AUTH, 1);
+            continue;
+        }
+        slot_mark(s, counter); /* only now: a forged counter must not move the window */
+        memcpy(head, d, HEADER_SIZE);
+        head[2] = (uint8_t)(head[2] - 2);
+        memmove(rx + out + HEADER_SIZE, d + CLEAR_SIZE, body);
+        memcpy(rx + out, head, HEADER_SIZE);
+        out += HEADER_SIZE + body;
+        count(p, C_RX_SEALED, 1);
+    }
+    size_t opened = step > SEAL_OVERHEAD ? step - SEAL_OVERHEAD : 0;
+    *segment = out > opened ? opened : out;
+    return out;
+}
+
+/* UDP -> TUN for the *np bytes (GRO segment size *segp, 0: none) from `from`. 1 when handled. A batch from a
+ * neighbour we share keys with is opened first (*opened = 1, *np and *segp then describe the plain frames),
+ * also when the rest is left to Python. */
+static int inbound_fast(Pump *p, int tun, size_t *np, size_t *segp, const struct sockaddr_in *from, int *opened) {
     const table_t *t = p->current;
-    const uint8_t *rx = p->rx.buf;
-    if (t == NULL || from->sin_family != AF_INET || !table_is_sender(t, from->sin_addr.s_addr, ntohs(from->sin_port)))
-        return 0;
+    uint8_t *rx = p->rx.buf;
+    size_t n = *np, segment = *segp;
+    if (t == NULL || from->sin_family != AF_INET) return 0;
+    uint32_t ip = from->sin_addr.s_addr;
+    uint16_t port = ntohs(from->sin_port);
+    const sender_t *sender = table_sender(t, ip, port);
+    if (sender == NULL) return 0;
+    if (sender->flags & SENDER_SEALED) {
+        if (n < HEADER_SIZE) return 0;
+        n = *np = open_batch(p, rx, n, &segment, ip, port);
+        *segp = segment;
+        *opened = 1;
+        if (n == 0) return 1;
+    }
     if (n < PREFIX + IPV4_HEADER) return 0; /* before the division: an empty datagram has no GRO segment */
     if (segment == 0 || segment > n) segment = n;
     size_t count_ = (n + segment - 1) / segment;
@@ -382,7 +707,8 @@ static void take_pending_table(Pump *p) {
     __atomic_store_n(&p->table_pending, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&p->lock);
     if (fresh != NULL) {
-        free(p->current);
+        slots_reconcile(p, fresh);
+        table_free(p->current);
         p->current = fresh;
     }
 }
@@ -413,6 +739,7 @@ static PyObject *Pump_run(Pump *p, PyObject *args) {
         return NULL;
     }
     p->running = 1;
+    p->loop_thread = pthread_self();
     struct pollfd fds[2] = {{.fd = tun, .events = POLLIN}, {.fd = sock, .events = POLLIN}};
     union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
     PyObject *failed = NULL;
@@ -460,10 +787,13 @@ static PyObject *Pump_run(Pump *p, PyObject *args) {
                     memcpy(&gro, CMSG_DATA(cm), sizeof gro);
                     segment = (size_t)gro;
                 }
-            if (inbound_fast(p, tun, (size_t)n, segment, &from)) continue;
+            size_t length = (size_t)n;
+            int opened = 0;
+            if (inbound_fast(p, tun, &length, &segment, &from, &opened)) continue;
             PyEval_RestoreThread(state);
             PyObject *source = source_tuple(&from);
-            PyObject *r = source ? PyObject_CallFunction(inbound, "nnO", (Py_ssize_t)n, (Py_ssize_t)segment, source)
+            PyObject *r = source ? PyObject_CallFunction(inbound, "nnOO", (Py_ssize_t)length, (Py_ssize_t)segment,
+                                                         source, opened ? Py_True : Py_False)
                                  : NULL;
             Py_XDECREF(source);
             Py_XDECREF(r);
@@ -506,7 +836,7 @@ static PyObject *Pump_set_table(Pump *p, PyObject *arg) {
         return NULL;
     }
     pthread_mutex_lock(&p->lock);
-    free(p->pending);
+    table_free(p->pending);
     p->pending = fresh;
     __atomic_store_n(&p->table_pending, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&p->lock);
@@ -514,6 +844,48 @@ static PyObject *Pump_set_table(Pump *p, PyObject *arg) {
 }
 
 PyDoc_STRVAR(counters_doc, "counters() -> dict\n--\n\nThe pump's own counts (only those above zero).");
+
+PyDoc_STRVAR(seal_doc,
+"seal(address, data, segment) -> bytes | None\n--\n\n"
+"Sealer.seal_batch with the pump's own keys and counters (the Python path's sends, tests): the plain frames\n"
+"in ``data`` (``segment`` bytes each, 0: one) sealed for the neighbour at ``address`` ((ip, port)), or None\n"
+"when we share no keys with it. Only from the loop thread (its callbacks) or while the pump is not running.");
+
+static PyObject *Pump_seal(Pump *p, PyObject *args) {
+    const char *host;
+    int port;
+    Py_buffer data;
+    Py_ssize_t segment;
+    if (!PyArg_ParseTuple(args, "(si)y*n", &host, &port, &data, &segment)) return NULL;
+    if (p->running && !pthread_equal(pthread_self(), p->loop_thread)) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "seal() from another thread than the running loop's");
+        return NULL;
+    }
+    take_pending_table(p);
+    struct in_addr address;
+    slot_t *s = inet_pton(AF_INET, host, &address) == 1 && port > 0 && port < 65536
+                    ? send_slot(p, address.s_addr, (uint16_t)port) : NULL;
+    size_t total = (size_t)data.len, step = segment > 0 && (size_t)segment < total ? (size_t)segment : total;
+    if (s == NULL || total == 0) {
+        PyBuffer_Release(&data);
+        Py_RETURN_NONE;
+    }
+    size_t frames = (total + step - 1) / step;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(total + frames * SEAL_OVERHEAD));
+    if (out == NULL) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    struct iovec iov = {data.buf, total};
+    ssize_t sealed = seal_stream(s, &iov, 1, total, step, (uint8_t *)PyBytes_AS_STRING(out));
+    PyBuffer_Release(&data);
+    if (sealed < 0) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    return out;
+}
 
 static PyObject *Pump_counters(Pump *p, PyObject *Py_UNUSED(ignored)) {
     PyObject *out = PyDict_New();
@@ -558,15 +930,26 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     (void)args;
     (void)kwargs;
     Pump *p = (Pump *)type->tp_alloc(type, 0); /* zeroed */
-    if (p != NULL) pthread_mutex_init(&p->lock, NULL);
+    if (p == NULL) return NULL;
+    pthread_mutex_init(&p->lock, NULL);
+    p->slots = calloc(MAX_SLOTS, sizeof(slot_t));
+    if (p->slots == NULL) {
+        Py_DECREF(p);
+        return PyErr_NoMemory();
+    }
     return (PyObject *)p;
 }
 
 static void Pump_dealloc(Pump *p) {
     if (p->read.obj != NULL) PyBuffer_Release(&p->read);
     if (p->rx.obj != NULL) PyBuffer_Release(&p->rx);
-    free(p->pending);
-    free(p->current);
+    table_free(p->pending);
+    table_free(p->current);
+    if (p->slots != NULL) {
+        for (int i = 0; i < MAX_SLOTS; i++)
+            if (p->slots[i].ctx != NULL) slot_free(&p->slots[i]);
+        free(p->slots);
+    }
     pthread_mutex_destroy(&p->lock);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
@@ -576,6 +959,7 @@ static PyMethodDef Pump_methods[] = {
     {"interrupt", (PyCFunction)Pump_interrupt, METH_NOARGS, interrupt_doc},
     {"set_table", (PyCFunction)Pump_set_table, METH_O, set_table_doc},
     {"counters", (PyCFunction)Pump_counters, METH_NOARGS, counters_doc},
+    {"seal", (PyCFunction)Pump_seal, METH_VARARGS, seal_doc},
     {NULL, NULL, 0, NULL},
 };
 

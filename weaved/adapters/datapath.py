@@ -17,7 +17,10 @@ Theory of operation
 
 On exit only the daemon's own descriptors are closed: the bridge, the (persistent) TUN, routes, sysctls and
 the nft table stay, so pods keep their addresses and routes while the daemon restarts. The pod MTU is the
-underlay's minus :data:`weaved.core.superframe.OVERHEAD` unless ``WEAVE_MTU`` sets it.
+underlay's minus :data:`weaved.core.superframe.OVERHEAD` (and with a password minus the seal,
+:data:`weaved.core.sleeveseal.OVERHEAD`) unless ``WEAVE_MTU`` sets it. With a password every frame to a
+neighbour in :meth:`~weaved.core.mesh.MeshPeer.sleeve_keys` is sealed (:mod:`weaved.core.sleeveseal`);
+:meth:`Datapath.refresh` rebuilds the table when those keys change (every rekey).
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ from weaved.adapters.sleeve import PacketLoop, ThreadedLoop, open_sleeve_socket
 from weaved.adapters.sleeve_offload import OffloadLoop
 from weaved.adapters.tun import TunError, open_tun
 from weaved.config import Settings
-from weaved.core import forwarding, sleeve, superframe
+from weaved.core import forwarding, sleeve, sleeveseal, superframe
 from weaved.core.ipam.allocator import AllocError
 from weaved.core.mesh import MeshPeer
+from weaved.core.seal import PeerSleeveKeys
 from weaved.core.types import Endpoint, PeerName
 from weaved.podnet import PodNetwork
 
+BENCH_KEY_ENV = "WEAVED_BENCH_SLEEVE_KEY"
+"""TEST ONLY: a hex secret from which this node and every neighbour derive fixed sleeve keys
+(:func:`weaved.core.sleeveseal.fixed_test_keys`), so ``weaved lab bench`` and the netns tests can measure
+and check the sealed sleeve without the password's handshake. No forward secrecy, no rekeying, and a
+restart reuses nonces: never set it outside a lab."""
 CHECK_INTERVAL = 5.0
 """Seconds between checks that the node network is still in place (and repairs when it is not)."""
 GATEWAY_RETRY = 2.0
@@ -66,6 +75,15 @@ def advertised_chunk() -> int:
         return own_chunk_size(None)
 
 
+def _bench_key() -> bytes | None:
+    """The secret of :data:`BENCH_KEY_ENV` (test only), None when unset or not hex."""
+    text = os.environ.get(BENCH_KEY_ENV, "")
+    try:
+        return bytes.fromhex(text) or None
+    except ValueError:
+        return None
+
+
 class DatapathError(Exception):
     """The data path cannot start (TUN, socket); ``str()`` is one line."""
 
@@ -84,6 +102,8 @@ class Datapath:
         self._log = structlog.get_logger("weaved")
         self._loop: PacketLoop | None = None
         self._key: tuple[Any, ...] | None = None
+        self._sleeve_keys: object = None
+        self._bench_key = _bench_key()
         self._ring_state: object = None
         self._changed = anyio.Event()
         self._gateway: ipaddress.IPv4Interface | None = None
@@ -113,6 +133,7 @@ class Datapath:
             mode="offload" if self._settings.offload else "plain",
             offload_peers=len(loop.table.chunk_limits) if loop is not None and self._settings.offload else 0,
             hot_loop="C" if isinstance(loop, OffloadLoop) and loop.native else "python",
+            encrypted=self._encrypted, sealed_peers=len(loop.table.keys) if loop is not None else 0,
         )
 
     # --- pump side --------------------------------------------------------------------------------
@@ -125,8 +146,9 @@ class Datapath:
         topology = self._peer.topology
         ring_state = self._ipam.allocator.ring.state
         neighbours = self._peer.neighbours()
+        sleeve_keys = self._keys(neighbours)  # new at every rekey: the table (and the pump's keys) follow
         key = (topology.generation, id(ring_state), neighbours)
-        if key == self._key and ring_state is self._ring_state:
+        if key == self._key and ring_state is self._ring_state and sleeve_keys == self._sleeve_keys:
             return
         sleeve_addresses: dict[PeerName, Endpoint] = {}
         chunk_limits: dict[PeerName, int] = {}
@@ -137,10 +159,20 @@ class Datapath:
                 chunk_limits[name] = superframe.chunk_limit(overlays)
         short_ids = {name: int(entry.short_id) for name, entry in topology.entries.items()}
         loop.table = forwarding.build(self._peer.identity.name, short_ids, ring_state.segments(),
-                                      topology.next_hops(), sleeve_addresses, chunk_limits)
+                                      topology.next_hops(), sleeve_addresses, chunk_limits, sleeve_keys)
         if ring_state is not self._ring_state:
             self._changed.set()
-        self._key, self._ring_state = key, ring_state
+        self._key, self._ring_state, self._sleeve_keys = key, ring_state, sleeve_keys
+
+    def _keys(self, neighbours: dict[PeerName, Any]) -> dict[PeerName, PeerSleeveKeys]:
+        if self._bench_key is None:
+            return self._peer.sleeve_keys()
+        own = str(self._peer.identity.name)
+        return {name: sleeveseal.fixed_test_keys(self._bench_key, own, str(name)) for name in neighbours}
+
+    @property
+    def _encrypted(self) -> bool:
+        return self._peer.encrypted or self._bench_key is not None
 
     # --- the task ---------------------------------------------------------------------------------
 
@@ -170,6 +202,8 @@ class Datapath:
             self.refresh()
             task_status.started()
             hot_loop = "C" if isinstance(loop, OffloadLoop) and loop.native else "Python"
+            if self._bench_key is not None:
+                self._log.warning("TEST ONLY: fixed sleeve keys from " + BENCH_KEY_ENV + ", not a password")
             self._log.info("sleeve started", tun=TUN, port=self._settings.sleeve_port,
                            mode=f"offload (vnet, TSO, UDP GSO/GRO, chunks of {own_chunk} B, {hot_loop} hot loop)"
                            if offload else "plain (one packet per datagram)")
@@ -210,6 +244,9 @@ class Datapath:
         return Desired(range=gateway.network, gateway=gateway, mtu=mtu,
                        remote=tuple(forwarding.remote_networks(segments, own)), local=tuple(local),
                        no_masq_local=self._settings.no_masq_local,
+                       # The formula the CNI plugin gives pod veths (it knows nothing of the seal): a TUN
+                       # limit below the pods' would make the kernel segment their super-packets in software.
+                       # A sealed frame of the last chunk too many leaves in two sends instead.
                        tun_gso_max_size=superframe.tun_gso_max_size(mtu) if self._settings.offload else None)
 
     def _reattach_if_gone(self) -> list[str]:
@@ -226,9 +263,11 @@ class Datapath:
             if self._mtu is None:
                 if self._underlay_mtu is None:
                     self._underlay_mtu = await anyio.to_thread.run_sync(self._network.underlay_mtu)
-                self._mtu = self._settings.mtu or superframe.pod_mtu(self._underlay_mtu)
+                sealed = self._encrypted
+                self._mtu = self._settings.mtu or superframe.pod_mtu(self._underlay_mtu, sealed=sealed)
                 self._log.info("pod mtu", mtu=self._mtu, underlay_mtu=self._underlay_mtu,
-                               source="WEAVE_MTU" if self._settings.mtu else "underlay - sleeve overhead")
+                               source="WEAVE_MTU" if self._settings.mtu else
+                               "underlay - sleeve overhead" + (" - seal" if sealed else ""))
             desired = self._desired(self._gateway, self._mtu)
             reattached = await anyio.to_thread.run_sync(self._reattach_if_gone)
             changes = await anyio.to_thread.run_sync(self._network.ensure, desired)

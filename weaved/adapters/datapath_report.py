@@ -7,7 +7,8 @@ sleeve), ``rx_packets``/``rx_bytes`` (sleeve → TUN), ``relayed_packets``/``rel
 The offload loop adds ``tx_superpackets``/``tx_chunks`` and ``rx_superpackets``/``rx_chunks`` (TSO
 super-packets and the chunks they travelled in), ``rx_partial_runs`` (parts of frames that arrived
 incomplete, delivered with fixed-up headers) and ``tx_segmented`` (super-packets cut up in userspace for
-a peer without offloads).
+a peer without offloads). With a password: ``tx_sealed``/``rx_sealed`` (datagrams sealed and opened) and the
+drop reasons ``auth``, ``replay``, ``unsealed`` (:mod:`weaved.core.sleeveseal`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class DatapathReport:
     """Neighbours that negotiated version-2 frames (``sleeve-gso``); the others get plain frames."""
     hot_loop: str = "python"
     """``C`` when the offload sleeve's C pump carries the common cases, else ``python``."""
+    encrypted: bool = False
+    """A password is set: frames to neighbours we share sleeve keys with are sealed."""
+    sealed_peers: int = 0
+    """Neighbours whose frames are sealed (the others are on trusted subnets, or have not finished a
+    handshake yet)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

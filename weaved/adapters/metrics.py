@@ -214,6 +214,11 @@ class DatapathCollector(Collector):
         for direction in ("tx", "rx"):
             native.add_metric([direction], c.get(f"native_{direction}_packets", 0))
         yield native
+        sealed = CounterMetricFamily("weave_sleeve_sealed", "Sleeve datagrams sealed (tx) and opened (rx) with a "
+                                     "neighbour's keys (a password).", labels=["direction"])
+        for direction in ("tx", "rx"):
+            sealed.add_metric([direction], c.get(f"{direction}_sealed", 0))
+        yield sealed
         yield GaugeMetricFamily("weave_sleeve_routed_peers", "Remote peers the sleeve has a route to.",
                                 value=report.peers)
         yield GaugeMetricFamily("weave_pod_mtu", "MTU given to pod interfaces (0 until known).",

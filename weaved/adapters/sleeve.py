@@ -40,6 +40,7 @@ from typing import Protocol
 
 from weaved.core import sleeve
 from weaved.core.forwarding import EMPTY, ForwardingTable
+from weaved.core.sleeveseal import SEALED_VERSIONS, Sealer
 
 BUFFER_SIZE = 65_536 + sleeve.HEADER_SIZE
 POLL_TIMEOUT_MS = 500
@@ -134,11 +135,30 @@ class ThreadedLoop(LoopBase):
 
     def __init__(self, tun_fd: int, sock: socket.socket) -> None:
         super().__init__(tun_fd)
-        self.table: ForwardingTable = EMPTY
+        self._sealer = Sealer()
+        """Frames to and from neighbours in ``table.keys`` are sealed (:mod:`weaved.core.sleeveseal`). Both
+        threads seal (the inbound one when it relays): :meth:`_seal` holds a lock, so a send counter is never
+        read twice; only the inbound thread opens."""
+        self._seal_lock = threading.Lock()
+        self._table: ForwardingTable = EMPTY
         self._sock = sock
         self._threads: list[threading.Thread] = []
         self._out = Counter[str]()
         self._in = Counter[str]()
+
+    @property
+    def table(self) -> ForwardingTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: ForwardingTable) -> None:
+        with self._seal_lock:
+            self._sealer.update(table.keys)
+        self._table = table
+
+    def _seal(self, address: tuple[str, int], frame: memoryview) -> bytes:
+        with self._seal_lock:
+            return self._sealer.seal(address, frame)
 
     def start(self) -> None:
         for name, target, counts in (("sleeve-out", self._outbound, self._out),
@@ -201,7 +221,14 @@ class ThreadedLoop(LoopBase):
                 continue
             header(buf, 0, magic, version, ttl, table.own_short_id, route[0])
             try:
-                sendto(view[:n + sleeve.HEADER_SIZE], route[1])
+                if route[1] in table.keys:
+                    sendto(self._seal(route[1], view[:n + sleeve.HEADER_SIZE]), route[1])
+                    counts["tx_sealed"] += 1
+                else:
+                    sendto(view[:n + sleeve.HEADER_SIZE], route[1])
+            except sleeve.FrameError as exc:
+                counts["drop_tun_" + exc.reason] += 1
+                continue
             except OSError as exc:
                 counts["drop_tun_" + ("too-big" if exc.errno == errno.EMSGSIZE else "send-error")] += 1
                 continue
@@ -226,9 +253,20 @@ class ThreadedLoop(LoopBase):
                 counts["drop_udp_unknown-sender"] += 1
                 continue
             try:
+                sealed = n > 2 and buf[2] in SEALED_VERSIONS
+                if source in table.keys:
+                    if not sealed:
+                        raise sleeve.FrameError("unsealed")
+                    plain = self._sealer.open(view[:n], source)
+                    n = len(plain)
+                    buf[:n] = plain
+                    counts["rx_sealed"] += 1
+                elif sealed:
+                    raise sleeve.FrameError("auth")
                 ttl, src, dst = sleeve.decode_header(buf, n)
                 if src not in table.known:
                     raise sleeve.FrameError("unknown-source")
+                table.check_inner(buf, sleeve.HEADER_SIZE, src, dst)
             except sleeve.FrameError as exc:
                 counts["drop_udp_" + exc.reason] += 1
                 continue
@@ -243,8 +281,7 @@ class ThreadedLoop(LoopBase):
                 continue
             self._relay(buf, view, n, ttl, src, dst, table, counts, sendto)
 
-    @staticmethod
-    def _relay(buf: bytearray, view: memoryview, n: int, ttl: int, src: int, dst: int, table: ForwardingTable,
+    def _relay(self, buf: bytearray, view: memoryview, n: int, ttl: int, src: int, dst: int, table: ForwardingTable,
                counts: Counter[str], sendto: object) -> None:
         if ttl <= 1:
             counts["drop_udp_ttl-expired"] += 1
@@ -259,7 +296,13 @@ class ThreadedLoop(LoopBase):
         sleeve.pack_header(buf, ttl - 1, src, dst)
         assert callable(sendto)
         try:
-            sendto(view[:n], hop)
+            if hop in table.keys:
+                sendto(self._seal(hop, view[:n]), hop)
+            else:
+                sendto(view[:n], hop)
+        except sleeve.FrameError as exc:
+            counts["drop_udp_" + exc.reason] += 1
+            return
         except OSError:
             counts["drop_udp_send-error"] += 1
             return

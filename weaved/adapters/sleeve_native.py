@@ -9,10 +9,12 @@ seam: whether the extension is there (:data:`AVAILABLE`), and the forwarding tab
 reads it (:func:`pack_table`), a pure function of the table so it can be checked without the pump.
 
 The layout (native byte order, what the C structs in ``_sleevepump.c`` declare): a head of magic, own short
-id, segment count, sender count and a 4096-bit map of the known short ids; then per ring segment ``start,
-end, next-hop IPv4 (network order), port, destination short id, chunk limit, routable``; then per sender
-``IPv4, port, 0``. A segment the Python path must decide (a drop reason, a next hop that is not an IPv4
-literal) is packed with ``routable = 0`` and the pump hands its packets back.
+id, segment count, sender count, owner count, key count and a 4096-bit map of the known short ids; then per ring
+segment ``start, end, next-hop IPv4 (network order), port, destination short id, chunk limit, routable``; then per
+sender ``IPv4, port, sealed``; then per owner piece of the ring ``start, end, short id, 0`` (the spoofing
+check); then the sleeve keys (:data:`KEY`: each neighbour's send key and its one or two receive keys). A
+segment the Python path must decide (a drop reason, a next hop that is not an IPv4 literal) is packed with
+``routable = 0`` and the pump hands its packets back.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ except ImportError:  # built without a C compiler: the Python loop carries the t
     _pump = None
 
 AVAILABLE = _pump is not None
-TABLE_MAGIC = 0x57535431
+TABLE_MAGIC = 0x57535432
 """Must equal the C side's (``_sleevepump.TABLE_MAGIC``, checked by the tests)."""
-HEAD = struct.Struct("=IIII512s")
+HEAD = struct.Struct("=IIIIII512s")
 SEGMENT = struct.Struct("=II4sHHHH")
 SENDER = struct.Struct("=4sHH")
+OWNER = struct.Struct("=IIHH")
+KEY = struct.Struct("=4sHHI32s")
+"""A sleeve key: the neighbour's IPv4 and port, 0 (we seal with it) or 1 (we open with it), id, key."""
+SENDER_SEALED = 1
 NO_ADDRESS = bytes(4)
 MAX_ADDRESS = 0xFFFF_FFFF
 
@@ -64,9 +70,22 @@ def pack_table(table: ForwardingTable, own_chunk: int) -> bytes:
         dst, address = route
         limit = min(table.chunk_limits.get(address, 0), own_chunk)
         segments.append(SEGMENT.pack(start, end, ip, address[1], dst, limit, 1))
-    senders = [SENDER.pack(ip, port, 0) for host, port in sorted(table.senders) if (ip := _ipv4(host)) is not None]
-    head = HEAD.pack(TABLE_MAGIC, table.own_short_id, len(segments), len(senders), bytes(known))
-    return head + b"".join(segments) + b"".join(senders)
+    senders = [SENDER.pack(ip, port, SENDER_SEALED if (host, port) in table.keys else 0)
+               for host, port in sorted(table.senders) if (ip := _ipv4(host)) is not None]
+    keys = []
+    for (host, port), peer in sorted(table.keys.items()):
+        if (ip := _ipv4(host)) is None:
+            continue
+        keys.append(KEY.pack(ip, port, 0, peer.current.send_id, peer.current.send_key))
+        for session in (peer.current, peer.previous):
+            if session is not None:
+                keys.append(KEY.pack(ip, port, 1, session.recv_id, session.recv_key))
+    owners = [OWNER.pack(start, min(end, MAX_ADDRESS), short_id, 0)
+              for start, end, short_id in zip(table.owner_starts, table.owner_ends, table.owner_ids, strict=True)
+              if start < MAX_ADDRESS]
+    head = HEAD.pack(TABLE_MAGIC, table.own_short_id, len(segments), len(senders), len(owners), len(keys),
+                     bytes(known))
+    return head + b"".join(segments) + b"".join(senders) + b"".join(owners) + b"".join(keys)
 
 
 def new_pump(read_buffer: bytearray, receive_buffer: bytearray) -> Pump | None:

@@ -19,6 +19,11 @@ is the I/O around it, one thread that serves both directions:
   finished and super-packets segmented in userspace (:func:`weaved.core.superframe.segments`), slow but
   correct.
 
+* **Sealing** (a password, :mod:`weaved.core.sleeveseal`): every datagram to or from a neighbour in
+  ``table.keys`` is sealed on its own; :meth:`OffloadLoop._send` seals whatever the Python path sends
+  (through the C pump's own keys and counters when it runs), :meth:`OffloadLoop._open_batch` opens a
+  batch in place before anything else looks at it.
+
 One thread, not two: after writing a packet into the TUN the answer (a TCP ACK, a ping reply) usually
 comes back out of the TUN microseconds later, so the thread keeps polling both descriptors without
 sleeping for :data:`SPIN_SECONDS` after the last packet, and a request/response costs no extra wake-up.
@@ -42,7 +47,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
 from weaved.adapters import sleeve_native
@@ -50,6 +55,8 @@ from weaved.adapters.sleeve import LoopBase
 from weaved.core import sleeve, superframe
 from weaved.core.forwarding import EMPTY, ForwardingTable
 from weaved.core.sleeve import FrameError
+from weaved.core.sleeveseal import OVERHEAD as SEAL_OVERHEAD
+from weaved.core.sleeveseal import SEALED_VERSIONS, Sealer
 from weaved.core.superframe import (
     CHUNK_HEADER,
     CHUNK_HEADER_SIZE,
@@ -131,6 +138,11 @@ class OffloadLoop(LoopBase):
         """(chunk size, inner headers) → the slices of a whole frame's payloads in the receive buffer."""
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         self._pump = sleeve_native.new_pump(self._read, self._rx) if native else None
+        self._sealer = Sealer()
+        self._seal_batch: Callable[[tuple[str, int], Buffer, int], bytes | None] = (
+            self._pump.seal if self._pump is not None else self._seal_python)
+        """Seals what the Python path sends: the pump's own (its counters are the ones its fast path uses,
+        a nonce must never repeat) or :class:`~weaved.core.sleeveseal.Sealer` without it."""
 
     @property
     def native(self) -> bool:
@@ -145,6 +157,8 @@ class OffloadLoop(LoopBase):
     def table(self, table: ForwardingTable) -> None:
         if self._pump is not None:  # first, so that a table the pump refuses is not half taken
             self._pump.set_table(sleeve_native.pack_table(table, self._own_chunk))
+        else:
+            self._sealer.update(table.keys)
         self._table = table
 
     # --- PacketLoop ---------------------------------------------------------------------------------
@@ -257,7 +271,8 @@ class OffloadLoop(LoopBase):
         counts["tx_packets"] += 1
         counts["tx_bytes"] += n - VNET_SIZE
         flags, gso_type, _hdr_len, mss, _cs, _co = VNET.unpack_from(buf, 0)
-        limit = min(table.chunk_limits.get(address, 0), self._own_chunk)
+        overhead = SEAL_OVERHEAD if address in table.keys else 0
+        limit = max(0, min(table.chunk_limits.get(address, 0), self._own_chunk) - overhead)
         frame = self._frame = self._frame + 1
         if gso_type == GSO_NONE:
             if limit and CHUNK_HEADER_SIZE + n <= limit:
@@ -278,7 +293,7 @@ class OffloadLoop(LoopBase):
             return
         chunks = -(-payload // mss)
         size = PREFIX + headers + mss
-        if not limit or size > limit or chunks > superframe.MAX_CHUNKS:
+        if not limit or size > limit or chunks > superframe.MAX_CHUNKS or mss < superframe.MIN_GSO_SIZE:
             counts["tx_segmented"] += 1
             for packet in superframe.segments(view[:VNET_SIZE], view[VNET_SIZE:n]):
                 self._send_packet_v1(packet, dst, address)
@@ -294,14 +309,37 @@ class OffloadLoop(LoopBase):
         gather.prefixes(chunks).pack_into(gather.table, 0, *values)
         last = VNET_SIZE + headers + (chunks - 1) * mss
         iov = [*gather.iov[:2 * chunks - 1], view[last if chunks > 1 else 0:n]]  # one chunk: the whole packet
-        per_send = superframe.chunks_per_send(size)
+        per_send = superframe.chunks_per_send(size + overhead)
         for start in range(0, chunks, per_send):
             self._send(iov[2 * start:2 * (start + per_send)], address, size)
         counts["tx_superpackets"] += 1
         counts["tx_chunks"] += chunks
 
     def _send(self, data: Sequence[Buffer], address: tuple[str, int], segment: int) -> None:
-        """One datagram, or with ``segment`` a GSO send the kernel cuts into datagrams of that size."""
+        """One datagram, or with ``segment`` a GSO send the kernel cuts into datagrams of that size; sealed
+        (each datagram on its own) when we share keys with the neighbour at ``address``."""
+        if address in self.table.keys:
+            sealed = self._seal_batch(address, b"".join(data), segment)
+            if sealed is None:
+                self._counts["drop_tun_auth"] += 1
+                return
+            size = segment + SEAL_OVERHEAD if segment else 0
+            step = superframe.chunks_per_send(size) * size if size else len(sealed)
+            view = memoryview(sealed)
+            for at in range(0, len(sealed), step):
+                piece = view[at:at + step]
+                self._send_plain([piece], address, size if len(piece) > size else 0)
+            self._counts["tx_sealed"] += -(-len(sealed) // size) if size else 1
+            return
+        self._send_plain(data, address, segment)
+
+    def _seal_python(self, address: tuple[str, int], data: Buffer, segment: int) -> bytes | None:
+        try:
+            return self._sealer.seal_batch(address, data, segment)
+        except FrameError:
+            return None
+
+    def _send_plain(self, data: Sequence[Buffer], address: tuple[str, int], segment: int) -> None:
         try:
             if segment:
                 options = self._segment_options.get(segment)
@@ -339,7 +377,9 @@ class OffloadLoop(LoopBase):
 
     # --- UDP → TUN ----------------------------------------------------------------------------------
 
-    def _inbound(self, n: int, segment: int, source: tuple[str, int]) -> None:
+    def _inbound(self, n: int, segment: int, source: tuple[str, int], opened: bool = False) -> None:
+        """``n`` bytes in the receive buffer from ``source``, datagrams of ``segment`` bytes (GRO; the last
+        may be shorter). ``opened``: the C pump already opened them (sealed datagrams, now plain frames)."""
         counts = self._counts
         table = self.table
         if source not in table.senders:
@@ -348,6 +388,10 @@ class OffloadLoop(LoopBase):
         if n < sleeve.HEADER_SIZE:  # an empty datagram too, whose GRO "segment" is 0
             counts["drop_udp_short"] += 1
             return
+        if not opened and source in table.keys:
+            n, segment = self._open_batch(n, segment, source)
+            if n == 0:
+                return
         rx, view = self._rx, self._rxview
         count = -(-n // segment) if segment else 1
         if (n >= PREFIX + sleeve.IPV4_HEADER and rx[2] == superframe.VERSION
@@ -376,11 +420,35 @@ class OffloadLoop(LoopBase):
             return
         self._inbound_each(n, segment)
 
+    def _open_batch(self, n: int, segment: int, source: tuple[str, int]) -> tuple[int, int]:
+        """Open every datagram of a batch from a neighbour we share keys with, in place: the plain frames
+        end up laid end to end from the start of the buffer, ``segment - OVERHEAD`` bytes apart (a datagram
+        that does not open is dropped and counted, the others close up). The new ``(n, segment)``."""
+        counts = self._counts
+        rx, view = self._rx, self._rxview
+        step = segment if 0 < segment < n else n
+        out = 0
+        for at in range(0, n, step):
+            length = min(step, n - at)
+            try:
+                if length < 3 or rx[at + 2] not in SEALED_VERSIONS:
+                    raise FrameError("unsealed")
+                plain = self._sealer.open(view[at:at + length], source)
+            except FrameError as exc:
+                counts["drop_udp_" + exc.reason] += 1
+                continue
+            rx[out:out + len(plain)] = plain
+            out += len(plain)
+            counts["rx_sealed"] += 1
+        opened = step - SEAL_OVERHEAD
+        return out, (opened if out > opened else out)
+
     def _decode_chunk(self, at: int, length: int) -> tuple[int, int, int, int, int, int]:
         """:func:`weaved.core.superframe.decode_chunk` of the chunk at ``at``, from a peer we know."""
         decoded = superframe.decode_chunk(self._rx, at, length)
         if decoded[1] not in self.table.known:
             raise FrameError("unknown-source")
+        self.table.check_inner(self._rx, at + PREFIX, decoded[1], decoded[2])
         return decoded
 
     def _deliver(self, iov: Sequence[Buffer], length: int, chunks: int) -> None:
@@ -427,10 +495,13 @@ class OffloadLoop(LoopBase):
                 version = rx[at + 2] if length > 2 else -1
                 if length < sleeve.HEADER_SIZE or (rx[at] << 8 | rx[at + 1]) != sleeve.MAGIC:
                     raise FrameError("short" if length < sleeve.HEADER_SIZE else "bad-magic")
+                if version in SEALED_VERSIONS:
+                    raise FrameError("auth")  # from a neighbour we share no keys with
                 if version == sleeve.VERSION:
                     ttl, src, dst = sleeve.decode_header(view[at:at + length], length)
                     if src not in table.known:
                         raise FrameError("unknown-source")
+                    table.check_inner(rx, at + sleeve.HEADER_SIZE, src, dst)
                     if dst == table.own_short_id:
                         self._deliver_v1(view[at + sleeve.HEADER_SIZE:at + length])
                     else:
@@ -507,7 +578,8 @@ class OffloadLoop(LoopBase):
             return
         rx, view = self._rx, self._rxview
         counts = self._counts
-        if segment <= min(self.table.chunk_limits.get(hop, 0), self._own_chunk):
+        overhead = SEAL_OVERHEAD if hop in self.table.keys else 0
+        if segment + overhead <= min(self.table.chunk_limits.get(hop, 0), self._own_chunk):
             for offset in range(at, at + n, segment):
                 rx[offset + 3] = ttl - 1
             self._send([view[at:at + n]], hop, segment if n > segment else 0)

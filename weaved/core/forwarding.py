@@ -11,6 +11,10 @@ control plane changes, so that the hot loop only does a binary search and a dict
   ``no-route``, ``unknown-destination``); addresses outside every segment are ``unowned``;
 * *a frame from UDP address S*: is S the sleeve address of an established neighbour (``senders``)?
 * *a frame for short id D that is not ours*: where do we relay it (``relay``)?
+* *a frame from short id S for short id D*: does S own the inner packet's source address and D its
+  destination (:meth:`ForwardingTable.owner`)? Nothing else stops a datagram that passes the sender check
+  from putting a packet with any source into any pod (``spoofed-source``, ``spoofed-destination``). A
+  peer's gateway address comes from its own range, so the node's own traffic passes.
 
 Short ids are 12 bits and unique once the topology settled; while two peers share one (a collision the
 mesh is still resolving) neither is routable, so a packet is dropped rather than delivered to the wrong
@@ -29,6 +33,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from weaved.core.seal import PeerSleeveKeys
+from weaved.core.sleeve import FrameError
 from weaved.core.types import Endpoint, PeerName
 
 Address = tuple[str, int]
@@ -58,12 +64,38 @@ class ForwardingTable:
     """Neighbours' sleeve addresses → the version-2 chunk size they take (``sleeve-gso:SIZE``); a neighbour
     missing here speaks version 1 only (one whole packet per datagram)."""
 
+    keys: Mapping[Address, PeerSleeveKeys] = field(default_factory=dict)
+    """Neighbours' sleeve addresses → the keys every frame to and from them is sealed with
+    (:mod:`weaved.core.sleeveseal`); a neighbour missing here exchanges plain frames."""
+    owner_starts: tuple[int, ...] = ()
+    owner_ends: tuple[int, ...] = ()
+    owner_ids: tuple[int, ...] = ()
+    """The ring by owner: ``[owner_starts[i], owner_ends[i])`` belongs to short id ``owner_ids[i]`` (only
+    owners whose short id is unambiguous; adjacent pieces of one owner merged)."""
+
     def lookup(self, address: int) -> Route | str:
         """Where to send a packet for ``address`` from our TUN, or why it is dropped."""
         i = bisect_right(self.starts, address) - 1
         if i < 0 or address >= self.ends[i]:
             return "unowned"
         return self.routes[i]
+
+    def owner(self, address: int) -> int:
+        """The short id of the peer that owns ``address`` in the ring, -1 when none (or an ambiguous one)."""
+        i = bisect_right(self.owner_starts, address) - 1
+        if i < 0 or address >= self.owner_ends[i]:
+            return -1
+        return self.owner_ids[i]
+
+    def check_inner(self, buf: bytes | bytearray | memoryview, ip: int, src: int, dst: int) -> None:
+        """Raise :class:`~weaved.core.sleeve.FrameError` unless the IPv4 packet at ``ip`` (its 20-byte header
+        already checked to be there) comes from an address short id ``src`` owns and goes to one ``dst`` owns."""
+        if self.owner(int.from_bytes(buf[ip + 12:ip + 16], "big")) != src:
+            raise FrameError("spoofed-source")
+        # An unknown dst is dropped as such by the relay step; ours is checked even while ambiguous.
+        if (dst in self.known or dst == self.own_short_id) and self.owner(
+                int.from_bytes(buf[ip + 16:ip + 20], "big")) != dst:
+            raise FrameError("spoofed-destination")
 
 
 EMPTY = ForwardingTable(own_short_id=0)
@@ -72,13 +104,15 @@ EMPTY = ForwardingTable(own_short_id=0)
 
 def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[tuple[int, int, PeerName]],
           next_hops: Mapping[PeerName, PeerName], sleeve_addresses: Mapping[PeerName, Endpoint],
-          chunk_limits: Mapping[PeerName, int] | None = None) -> ForwardingTable:
+          chunk_limits: Mapping[PeerName, int] | None = None,
+          sleeve_keys: Mapping[PeerName, PeerSleeveKeys] | None = None) -> ForwardingTable:
     """The table for one view of the world.
 
     ``short_ids``: every peer in the topology (ours included) → its short id. ``segments``: the ring's
     ordered ``(start, end, owner)`` pieces. ``next_hops``: the mesh's unicast next hop per reachable peer.
     ``sleeve_addresses``: established neighbours → the UDP address of their sleeve socket.
-    ``chunk_limits``: neighbours that take version-2 frames → their chunk size.
+    ``chunk_limits``: neighbours that take version-2 frames → their chunk size. ``sleeve_keys``: neighbours
+    whose frames are sealed → their keys (the mesh's :meth:`~weaved.core.mesh.MeshPeer.sleeve_keys`).
     """
     counts = Counter(short_ids.values())
     unique = {name: sid for name, sid in short_ids.items() if counts[sid] == 1}
@@ -97,7 +131,13 @@ def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[t
     starts: list[int] = []
     ends: list[int] = []
     routes: list[Route | str] = []
+    owned: list[list[int]] = []  # [start, end, short id]
     for start, end, owner in segments:
+        if (owner_id := unique.get(owner)) is not None:
+            if owned and owned[-1][1] == start and owned[-1][2] == owner_id:
+                owned[-1][1] = end
+            else:
+                owned.append([start, end, owner_id])
         route: Route | str
         if owner == own:
             route = "own-range"
@@ -118,6 +158,10 @@ def build(own: PeerName, short_ids: Mapping[PeerName, int], segments: Iterable[t
         known=frozenset(unique.values()),
         senders=frozenset((e.host, e.port) for e in sleeve_addresses.values()),
         peers=len(relay),
+        keys={(e.host, e.port): keys for name, e in sleeve_addresses.items()
+              if (keys := (sleeve_keys or {}).get(name)) is not None},
+        owner_starts=tuple(o[0] for o in owned), owner_ends=tuple(o[1] for o in owned),
+        owner_ids=tuple(o[2] for o in owned),
         chunk_limits={(e.host, e.port): limit for name, e in sleeve_addresses.items()
                       if (limit := (chunk_limits or {}).get(name, 0)) > 0},
     )

@@ -69,6 +69,11 @@ DROP_REASONS: Final = (
     "bad-chunk",           # version 2: index not below count, or a non-TCP packet in several chunks
     "bad-vnet",            # version 2: a virtio header the TUN would refuse (or we never offer)
     "truncated",           # a datagram (or GRO batch) bigger than the receive buffer
+    "spoofed-source",      # the inner source is not in a range the frame's sending peer owns
+    "spoofed-destination", # the inner destination is not in a range the frame's dst peer owns
+    "auth",                # a sealed frame whose key is unknown or whose tag does not verify
+    "replay",              # a sealed frame whose counter was already seen (or fell behind the window)
+    "unsealed",            # a plain frame from a neighbour we share sleeve keys with
 )
 
 

@@ -55,6 +55,7 @@ from typing import Final
 
 from weaved.core import sleeve
 from weaved.core.sleeve import FrameError
+from weaved.core.sleeveseal import OVERHEAD as SEAL_OVERHEAD
 
 VERSION: Final = 2
 CHUNK_HEADER = struct.Struct("!HBBHHQ")
@@ -84,12 +85,18 @@ TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 OVERLAY: Final = "sleeve-gso"
 """Advertised as ``sleeve-gso:SIZE`` by a peer that takes version-2 frames of chunks up to SIZE bytes."""
 MIN_CHUNK: Final = PREFIX + sleeve.IPV4_HEADER + 20 + 1
+MIN_GSO_SIZE: Final = 536
+"""The smallest segment size a received super-packet may have (IPv4's default MSS): a virtio header with
+gso_size 1 would make the TUN (or a relay's userspace segmentation) cut one chunk into ~1,400 packets. A
+sender whose TCP really uses a smaller MSS cuts those super-packets itself (version-1 segments)."""
 
 
-def pod_mtu(underlay_mtu: int) -> int:
+def pod_mtu(underlay_mtu: int, sealed: bool = False) -> int:
     """The MTU pods and the TUN get so that a full-size inner packet plus :data:`OVERHEAD` fits one underlay
-    packet. The same with and without offloads, so that nodes of both kinds agree on the pod MTU."""
-    return max(sleeve.MIN_MTU, underlay_mtu - OVERHEAD)
+    packet. The same with and without offloads, so that nodes of both kinds agree on the pod MTU. ``sealed``
+    (a password): room for the seal too (:data:`weaved.core.sleeveseal.OVERHEAD`), one MTU for all peers,
+    those on trusted subnets included."""
+    return max(sleeve.MIN_MTU, underlay_mtu - OVERHEAD - (SEAL_OVERHEAD if sealed else 0))
 
 
 def word(frame: int, index: int, count: int) -> int:
@@ -104,7 +111,8 @@ def chunks_per_send(chunk: int) -> int:
 
 def tun_gso_max_size(mtu: int, header: int = 52) -> int:
     """The TUN's ``gso_max_size`` that keeps a super-packet (headers ``header``, MSS ``mtu - header``) within
-    one GSO send: beyond it a frame takes two sends and reaches the peer as two runs."""
+    one GSO send: beyond it a frame takes two sends and reaches the peer as two runs (sealed chunks, 28 bytes
+    bigger, sometimes do: the pods' limit, set by the CNI plugin, is the same formula)."""
     return chunks_per_send(PREFIX + mtu) * (mtu - header) + header
 
 
@@ -273,11 +281,12 @@ def check_vnet(buf: bytes | bytearray | memoryview, offset: int, length: int) ->
     ihl = (first & 0x0F) * 4
     if ihl < sleeve.IPV4_HEADER or ihl > inner:
         raise FrameError("bad-ip-header")
-    if gso_type not in (GSO_NONE, GSO_TCPV4) or flags & ~0x03:
+    # Only NEEDS_CSUM: DATA_VALID (2) would tell the pod's stack that the checksum was already verified.
+    if gso_type not in (GSO_NONE, GSO_TCPV4) or flags & ~F_NEEDS_CSUM:
         raise FrameError("bad-vnet")
     if flags & F_NEEDS_CSUM and (csum_start < ihl or csum_start + csum_offset + 2 > inner):
         raise FrameError("bad-vnet")
-    if gso_type == GSO_TCPV4 and (mss == 0 or not flags & F_NEEDS_CSUM or buf[offset + VNET_SIZE + 9] != 6
+    if gso_type == GSO_TCPV4 and (mss < MIN_GSO_SIZE or not flags & F_NEEDS_CSUM or buf[offset + VNET_SIZE + 9] != 6
                                   or ihl + 20 > inner):
         raise FrameError("bad-vnet")
 
@@ -292,7 +301,10 @@ def batch_words(count: int, size: int) -> struct.Struct:
 
 def is_whole_frame(buf: bytes | bytearray | memoryview, count: int, size: int) -> bool:
     """True when the ``count`` chunks of ``size`` bytes at the start of ``buf`` are exactly chunks
-    ``0..count-1`` of one frame, in order."""
+    ``0..count-1`` of one frame, in order. False (never an exception) for sizes that cannot hold a chunk
+    header or a ``buf`` too short for them."""
+    if count < 1 or size < WORD_OFFSET + WORD.size or len(buf) < (count - 1) * size + WORD_OFFSET + WORD.size:
+        return False
     if count == 1:  # ACKs, UDP, ICMP: no Struct per datagram size
         return bool(WORD.unpack_from(buf, WORD_OFFSET)[0] & 0xFFFF == 1)
     words = batch_words(count, size).unpack_from(buf, 0)

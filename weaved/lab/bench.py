@@ -9,7 +9,11 @@ namespaces over the same underlay, and measures on each path, one after the othe
 * **weaved sleeve**: pod on n1 → pod on n2 through bridge, TUN, weaved and back, with the C hot loop;
 * **weaved sleeve, Python loop**: the same after both daemons were restarted with ``WEAVE_NO_NATIVE=1``
   (the pods and the TUN stay), so the C pump's gain is measured in the same run (``--no-python-loop``
-  skips it).
+  skips it);
+* **encrypted sleeve** (``--encrypted``): the C loop again after both daemons were restarted with sleeve
+  keys, every chunk sealed (AES-256-GCM, ``weaved.core.sleeveseal``) and the pods' MTU lowered by
+  the seal's 28 bytes as the daemons now give it. The keys are the test-only ``WEAVED_BENCH_SLEEVE_KEY``
+  (both daemons derive fixed keys from one random secret) until the lab passes a password.
 
 Per path: iperf3 TCP ``-P 1`` and ``-P 4`` for ``--seconds`` (Gbit/s received, retransmits), ``ping`` at
 10 ms intervals (RTT with the CPUs idle between packets) and flood ping (back to back), a sockperf TCP
@@ -38,6 +42,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from weaved.adapters.datapath import BENCH_KEY_ENV
+from weaved.core import superframe
+from weaved.core.sleeveseal import OVERHEAD as SEAL_OVERHEAD
 from weaved.lab.plan import node_address, node_netns, switch_netns
 
 VXLAN_NET = "203.0.113"
@@ -124,9 +131,31 @@ def lossy_wire(name: str, percent: float) -> None:
 
 def restart_without_native(name: str) -> None:
     """Both daemons again, with the offload sleeve in Python alone; returns once both route to each other."""
+    restart(name, {**os.environ, "WEAVE_NO_NATIVE": "1"}, "python", sealed=False)
+
+
+def restart_sealed(name: str, ips: dict[str, str]) -> int:
+    """Both daemons again (C loop) with test-only sleeve keys; the pods get the sealed MTU. Returns it."""
+    env = {k: v for k, v in os.environ.items() if k != "WEAVE_NO_NATIVE"}
+    restart(name, {**env, BENCH_KEY_ENV: os.urandom(32).hex()}, "C", sealed=True)
+    mtu = int(json.loads(in_node(name, "n1", "weaved", "report"))["datapath"]["mtu"])
+    if mtu != int(ips["mtu"]) - SEAL_OVERHEAD:
+        raise SystemExit(f"the sealed sleeve's pod MTU is {mtu}, not the plain {ips['mtu']} - {SEAL_OVERHEAD}")
+    for node in ("n1", "n2"):
+        sh("ip", "-n", ips[f"{node}_ns"], "link", "set", "eth0", "mtu", str(mtu))
+        sh("ip", "-n", ips[f"{node}_ns"], "link", "set", "eth0", "gso_max_size",
+           str(superframe.tun_gso_max_size(mtu)), check=False)
+    return mtu
+
+
+def restart(name: str, env: dict[str, str], hot_loop: str, *, sealed: bool) -> None:
+    """Both daemons again with ``env``; returns once both route to each other with that loop (and, when
+    ``sealed``, seal to each other)."""
     for node in ("n1", "n2"):
         lab_cmd(name, "kill", node)
-    env = {**os.environ, "WEAVE_NO_NATIVE": "1"}
+        # The VXLAN row is measured: its device goes, or the restarted daemon would take its MTU (1450) for
+        # the underlay's and make its chunks too small for full-size packets.
+        sh("ip", "-n", node_netns(name, node), "link", "del", "vxb", check=False)
     for node in ("n1", "n2"):
         proc = subprocess.run([sys.executable, "-m", "weaved", "lab", "start", "--name", name, node], env=env,
                               capture_output=True, text=True, timeout=120, check=False)
@@ -135,10 +164,12 @@ def restart_without_native(name: str) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         reports = [json.loads(in_node(name, node, "weaved", "report"))["datapath"] for node in ("n1", "n2")]
-        if all(r["state"] == "ready" and r["peers"] == 1 and r.get("hot_loop") == "python" for r in reports):
+        if all(r["state"] == "ready" and r["peers"] == 1 and r.get("hot_loop") == hot_loop
+               and r.get("sealed_peers", 0) == (1 if sealed else 0) for r in reports):
             return
         time.sleep(1)
-    raise SystemExit("the daemons restarted with WEAVE_NO_NATIVE=1 did not route to each other within 90 s")
+    raise SystemExit(f"the restarted daemons ({hot_loop} loop, sealed: {sealed}) did not route to each other "
+                     "within 90 s")
 
 
 def dropped(name: str) -> int:
@@ -242,9 +273,15 @@ def run(args: argparse.Namespace) -> int:
         ]
         rows = [measure(path, args) for path in paths]
         counters = json.loads(in_node(name, "n2", "weaved", "report"))["datapath"]["counters"]
+        sealed: dict[str, int] = {}
         if args.python_loop:
             restart_without_native(name)
             rows.append(measure(Path("weaved sleeve, Python loop", ips["n2_ns"], ips["n1_ns"], ips["n2_ip"]), args))
+        if args.encrypted:
+            mtu = restart_sealed(name, ips)
+            rows.append(measure(Path(f"**encrypted sleeve**, C hot loop (pod MTU {mtu})", ips["n2_ns"], ips["n1_ns"],
+                                     ips["n2_ip"]), args))
+            sealed = json.loads(in_node(name, "n2", "weaved", "report"))["datapath"]["counters"]
         lost = dropped(name) if args.loss else 0
     wire = (f"single-packet wire, {args.loss:g} % of packets dropped entering the switch ({lost:,} dropped in all)"
             if args.loss else "veth underlay as created (offloads on)")
@@ -253,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows))
     keys = ("rx_superpackets", "rx_chunks", "rx_partial_runs", "rx_packets", "native_rx_packets", "native_tx_packets")
     print("\nC-loop sleeve receiver (n2): " + ", ".join(f"{k}={counters.get(k, 0):,}" for k in keys))
+    if args.encrypted:
+        more = (*keys, "rx_sealed", "tx_sealed", "drop_udp_auth", "drop_udp_replay")
+        print("Encrypted sleeve receiver (n2): " + ", ".join(f"{k}={sealed.get(k, 0):,}" for k in more))
     return 0
 
 
@@ -261,5 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pings", type=int, default=200, help="pings at 10 ms (ten times as many flood pings)")
     parser.add_argument("--no-python-loop", dest="python_loop", action="store_false",
                         help="skip the row of the sleeve restarted without its C hot loop")
+    parser.add_argument("--encrypted", action="store_true",
+                        help="add the encrypted sleeve (C loop, test-only fixed keys, see the module docstring)")
     parser.add_argument("--loss", type=float, default=0.0, metavar="PCT",
                         help="drop PCT %% of underlay packets on a single-packet wire (e.g. 1)")
