@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from weaved.adapters import datapath
 from weaved.adapters.datapath import Datapath
 from weaved.core import superframe
 from weaved.core.forwarding import EMPTY, ForwardingTable
@@ -58,7 +57,6 @@ def keys(seed: int) -> PeerSleeveKeys:
 
 def test_new_keys_alone_rebuild_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression for the rekey: refresh() compared only topology, ring and neighbours."""
-    monkeypatch.delenv(datapath.BENCH_KEY_ENV, raising=False)
     peer = FakePeer()
     state = seeded_state(AddressRange.from_cidr("10.32.0.0/12"), [OWN, NEAR])
     ipam = SimpleNamespace(allocator=SimpleNamespace(ring=SimpleNamespace(state=state)))
@@ -78,15 +76,5 @@ def test_new_keys_alone_rebuild_the_table(monkeypatch: pytest.MonkeyPatch) -> No
     assert loop.tables == 3
 
 
-def test_the_bench_key_gives_both_ends_matching_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(datapath.BENCH_KEY_ENV, "00" * 32)
-    peer = FakePeer()
-    peer.encrypted = False
-    dp = Datapath(SimpleNamespace(), peer, SimpleNamespace(), network=SimpleNamespace())  # type: ignore[arg-type]
-    ours = dp._keys({NEAR: None})[NEAR].current
-    peer.identity.name = NEAR
-    theirs = dp._keys({OWN: None})[OWN].current
-    assert (ours.send_id, ours.send_key) == (theirs.recv_id, theirs.recv_key)
-    assert (ours.recv_id, ours.recv_key) == (theirs.send_id, theirs.send_key)
-    assert dp._encrypted
+def test_the_sealed_pod_mtu_leaves_room_for_the_seal() -> None:
     assert superframe.pod_mtu(1500, sealed=True) == 1500 - superframe.OVERHEAD - OVERHEAD

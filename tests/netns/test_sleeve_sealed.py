@@ -1,13 +1,12 @@
-"""The sealed sleeve on a real 2-node lab: both daemons get sleeve keys (the test-only
-``WEAVED_BENCH_SLEEVE_KEY``: fixed keys from one secret, until the password's handshake provides them), and
-TCP bulk crosses pod to pod as sealed chunks, intact (SHA-256 end to end; the receiving pod's veth finishes
-checksums in software, so a wrong one would be counted in ``TcpInCsumErrors``). The pod MTU leaves room for
-the seal. Captured frames replayed at the receiver are dropped (``replay``), never delivered.
+"""The sealed sleeve on a real 2-node lab with a mesh password: both daemons get sleeve keys from their
+authenticated handshake, and TCP bulk crosses pod to pod as sealed chunks, intact (SHA-256 end to end; the
+receiving pod's veth finishes checksums in software, so a wrong one would be counted in ``TcpInCsumErrors``).
+The pod MTU leaves room for the seal. Captured frames replayed at the receiver are dropped (``replay``),
+never delivered.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,7 +17,6 @@ import pytest
 from tests.netns.conftest import HostSnapshot, Lab, daemon_missing, eventually, session_base, teardown_and_check
 from tests.netns.test_datapath import make_pod, sh
 from tests.netns.test_sleeve_fast import World, csum_errors, host_end, transfer
-from weaved.adapters.datapath import BENCH_KEY_ENV
 from weaved.core import superframe
 from weaved.core.sleeveseal import OVERHEAD, SEALED_V2
 from weaved.lab.plan import node_address
@@ -29,7 +27,7 @@ CONVERGE_TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     why = daemon_missing()
     if why:
         pytest.skip(why)
@@ -37,10 +35,11 @@ def world() -> Iterator[World]:
     lab = Lab(session_base() + "s")
     made: list[str] = []
     try:
-        env = {**os.environ, BENCH_KEY_ENV: "5e" * 32}
+        password = tmp_path_factory.mktemp("secret") / "weave-passwd"
+        password.write_text("sealed sleeve test\n")
         subprocess.run([sys.executable, "-m", "weaved", "lab", "up", "--name", lab.name, "--nodes", "2",
-                        "--pods-per-node", "0", "--timeout", str(CONVERGE_TIMEOUT)], env=env, check=True,
-                       capture_output=True, timeout=CONVERGE_TIMEOUT + 60)
+                        "--pods-per-node", "0", "--timeout", str(CONVERGE_TIMEOUT), "--password-file",
+                        str(password)], check=True, capture_output=True, timeout=CONVERGE_TIMEOUT + 60)
 
         def ready() -> bool:
             reports = [lab.report(n) for n in ("n1", "n2")]

@@ -43,18 +43,12 @@ from weaved.adapters.sleeve import PacketLoop, ThreadedLoop, open_sleeve_socket
 from weaved.adapters.sleeve_offload import OffloadLoop
 from weaved.adapters.tun import TunError, open_tun
 from weaved.config import Settings
-from weaved.core import forwarding, sleeve, sleeveseal, superframe
+from weaved.core import forwarding, sleeve, superframe
 from weaved.core.ipam.allocator import AllocError
 from weaved.core.mesh import MeshPeer
-from weaved.core.seal import PeerSleeveKeys
 from weaved.core.types import Endpoint, PeerName
 from weaved.podnet import PodNetwork
 
-BENCH_KEY_ENV = "WEAVED_BENCH_SLEEVE_KEY"
-"""TEST ONLY: a hex secret from which this node and every neighbour derive fixed sleeve keys
-(:func:`weaved.core.sleeveseal.fixed_test_keys`), so ``weaved lab bench`` and the netns tests can measure
-and check the sealed sleeve without the password's handshake. No forward secrecy, no rekeying, and a
-restart reuses nonces: never set it outside a lab."""
 CHECK_INTERVAL = 5.0
 """Seconds between checks that the node network is still in place (and repairs when it is not)."""
 GATEWAY_RETRY = 2.0
@@ -73,15 +67,6 @@ def advertised_chunk() -> int:
             return own_chunk_size(underlay_mtu(ipr))
     except Exception:  # netlink unavailable: the data path start will say so in one line
         return own_chunk_size(None)
-
-
-def _bench_key() -> bytes | None:
-    """The secret of :data:`BENCH_KEY_ENV` (test only), None when unset or not hex."""
-    text = os.environ.get(BENCH_KEY_ENV, "")
-    try:
-        return bytes.fromhex(text) or None
-    except ValueError:
-        return None
 
 
 class DatapathError(Exception):
@@ -103,7 +88,6 @@ class Datapath:
         self._loop: PacketLoop | None = None
         self._key: tuple[Any, ...] | None = None
         self._sleeve_keys: object = None
-        self._bench_key = _bench_key()
         self._ring_state: object = None
         self._changed = anyio.Event()
         self._gateway: ipaddress.IPv4Interface | None = None
@@ -146,7 +130,7 @@ class Datapath:
         topology = self._peer.topology
         ring_state = self._ipam.allocator.ring.state
         neighbours = self._peer.neighbours()
-        sleeve_keys = self._keys(neighbours)  # new at every rekey: the table (and the pump's keys) follow
+        sleeve_keys = self._peer.sleeve_keys()  # new at every rekey: the table (and the pump's keys) follow
         key = (topology.generation, id(ring_state), neighbours)
         if key == self._key and ring_state is self._ring_state and sleeve_keys == self._sleeve_keys:
             return
@@ -164,15 +148,9 @@ class Datapath:
             self._changed.set()
         self._key, self._ring_state, self._sleeve_keys = key, ring_state, sleeve_keys
 
-    def _keys(self, neighbours: dict[PeerName, Any]) -> dict[PeerName, PeerSleeveKeys]:
-        if self._bench_key is None:
-            return self._peer.sleeve_keys()
-        own = str(self._peer.identity.name)
-        return {name: sleeveseal.fixed_test_keys(self._bench_key, own, str(name)) for name in neighbours}
-
     @property
     def _encrypted(self) -> bool:
-        return self._peer.encrypted or self._bench_key is not None
+        return self._peer.encrypted
 
     # --- the task ---------------------------------------------------------------------------------
 
@@ -202,8 +180,6 @@ class Datapath:
             self.refresh()
             task_status.started()
             hot_loop = "C" if isinstance(loop, OffloadLoop) and loop.native else "Python"
-            if self._bench_key is not None:
-                self._log.warning("TEST ONLY: fixed sleeve keys from " + BENCH_KEY_ENV + ", not a password")
             self._log.info("sleeve started", tun=TUN, port=self._settings.sleeve_port,
                            mode=f"offload (vnet, TSO, UDP GSO/GRO, chunks of {own_chunk} B, {hot_loop} hot loop)"
                            if offload else "plain (one packet per datagram)")

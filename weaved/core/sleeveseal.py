@@ -39,7 +39,6 @@ the same with libcrypto's EVP; this module is the definition and the pure-Python
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from weaved.core import sleeve
-from weaved.core.seal import COUNTER_LIMIT, TAG_SIZE, PeerSleeveKeys, ReplayWindow, SleeveKeys, nonce
+from weaved.core.seal import COUNTER_LIMIT, TAG_SIZE, PeerSleeveKeys, ReplayWindow, nonce
 from weaved.core.sleeve import FrameError
 
 SEALED_V1: Final = 3
@@ -153,16 +152,3 @@ class Sealer:
         receive.window.mark(counter)
         return sleeve.HEADER.pack(magic, version - 2, ttl, src, dst) + plain
 
-
-def fixed_test_keys(secret: bytes, own: str, neighbour: str) -> PeerSleeveKeys:
-    """TEST ONLY: sleeve keys both ends derive from one shared ``secret`` and their names, without a
-    handshake (no forward secrecy, no rekeying, counters restart with the daemon: a nonce is then reused).
-    For ``weaved lab bench`` and the netns tests (``WEAVED_BENCH_SLEEVE_KEY``) while the password's
-    handshake is elsewhere; never for real traffic."""
-    def derive(label: str, sender: str, receiver: str) -> bytes:
-        return hashlib.blake2b(f"{label}|{sender}|{receiver}".encode(), key=secret[:64], digest_size=32).digest()
-
-    return PeerSleeveKeys(SleeveKeys(
-        recv_id=int.from_bytes(derive("id", neighbour, own)[:4], "big"),
-        send_id=int.from_bytes(derive("id", own, neighbour)[:4], "big"),
-        send_key=derive("key", own, neighbour), recv_key=derive("key", neighbour, own)))

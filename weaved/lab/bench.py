@@ -10,10 +10,11 @@ namespaces over the same underlay, and measures on each path, one after the othe
 * **weaved sleeve, Python loop**: the same after both daemons were restarted with ``WEAVE_NO_NATIVE=1``
   (the pods and the TUN stay), so the C pump's gain is measured in the same run (``--no-python-loop``
   skips it);
-* **encrypted sleeve** (``--encrypted``): the C loop again after both daemons were restarted with sleeve
-  keys, every chunk sealed (AES-256-GCM, ``weaved.core.sleeveseal``) and the pods' MTU lowered by
-  the seal's 28 bytes as the daemons now give it. The keys are the test-only ``WEAVED_BENCH_SLEEVE_KEY``
-  (both daemons derive fixed keys from one random secret) until the lab passes a password.
+* **encrypted sleeve** (``--encrypted``, or ``--password-file PATH``): the C loop again after both daemons
+  were restarted with a mesh password (``lab start --password-file``: the real handshake, session keys,
+  rekeying), every chunk sealed (AES-256-GCM, ``weaved.core.sleeveseal``) and the pods' MTU lowered by the
+  seal's 28 bytes as the daemons now give it. ``--encrypted`` makes a random password in the lab's own
+  directory.
 
 Per path: iperf3 TCP ``-P 1`` and ``-P 4`` for ``--seconds`` (Gbit/s received, retransmits), ``ping`` at
 10 ms intervals (RTT with the CPUs idle between packets) and flood ping (back to back), a sockperf TCP
@@ -42,10 +43,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from weaved.adapters.datapath import BENCH_KEY_ENV
 from weaved.core import superframe
 from weaved.core.sleeveseal import OVERHEAD as SEAL_OVERHEAD
-from weaved.lab.plan import node_address, node_netns, switch_netns
+from weaved.lab.plan import lab_dir, node_address, node_netns, switch_netns
 
 VXLAN_NET = "203.0.113"
 IPERF_PORT = "5301"
@@ -134,10 +134,15 @@ def restart_without_native(name: str) -> None:
     restart(name, {**os.environ, "WEAVE_NO_NATIVE": "1"}, "python", sealed=False)
 
 
-def restart_sealed(name: str, ips: dict[str, str]) -> int:
-    """Both daemons again (C loop) with test-only sleeve keys; the pods get the sealed MTU. Returns it."""
+def restart_sealed(name: str, ips: dict[str, str], password_file: str | None) -> int:
+    """Both daemons again (C loop) with a mesh password; the pods get the sealed MTU. Returns it."""
     env = {k: v for k, v in os.environ.items() if k != "WEAVE_NO_NATIVE"}
-    restart(name, {**env, BENCH_KEY_ENV: os.urandom(32).hex()}, "C", sealed=True)
+    if password_file is None:
+        path = lab_dir(name) / "bench-password"
+        path.write_text(os.urandom(16).hex() + "\n")
+        path.chmod(0o600)
+        password_file = str(path)
+    restart(name, env, "C", sealed=True, password_file=password_file)
     mtu = int(json.loads(in_node(name, "n1", "weaved", "report"))["datapath"]["mtu"])
     if mtu != int(ips["mtu"]) - SEAL_OVERHEAD:
         raise SystemExit(f"the sealed sleeve's pod MTU is {mtu}, not the plain {ips['mtu']} - {SEAL_OVERHEAD}")
@@ -148,7 +153,7 @@ def restart_sealed(name: str, ips: dict[str, str]) -> int:
     return mtu
 
 
-def restart(name: str, env: dict[str, str], hot_loop: str, *, sealed: bool) -> None:
+def restart(name: str, env: dict[str, str], hot_loop: str, *, sealed: bool, password_file: str | None = None) -> None:
     """Both daemons again with ``env``; returns once both route to each other with that loop (and, when
     ``sealed``, seal to each other)."""
     for node in ("n1", "n2"):
@@ -157,8 +162,9 @@ def restart(name: str, env: dict[str, str], hot_loop: str, *, sealed: bool) -> N
         # the underlay's and make its chunks too small for full-size packets.
         sh("ip", "-n", node_netns(name, node), "link", "del", "vxb", check=False)
     for node in ("n1", "n2"):
-        proc = subprocess.run([sys.executable, "-m", "weaved", "lab", "start", "--name", name, node], env=env,
-                              capture_output=True, text=True, timeout=120, check=False)
+        password = ["--password-file", password_file] if password_file else []
+        proc = subprocess.run([sys.executable, "-m", "weaved", "lab", "start", "--name", name, node, *password],
+                              env=env, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"lab start {node}: {proc.stderr.strip()}")
     deadline = time.monotonic() + 90
@@ -277,8 +283,8 @@ def run(args: argparse.Namespace) -> int:
         if args.python_loop:
             restart_without_native(name)
             rows.append(measure(Path("weaved sleeve, Python loop", ips["n2_ns"], ips["n1_ns"], ips["n2_ip"]), args))
-        if args.encrypted:
-            mtu = restart_sealed(name, ips)
+        if args.encrypted or args.password_file:
+            mtu = restart_sealed(name, ips, args.password_file)
             rows.append(measure(Path(f"**encrypted sleeve**, C hot loop (pod MTU {mtu})", ips["n2_ns"], ips["n1_ns"],
                                      ips["n2_ip"]), args))
             sealed = json.loads(in_node(name, "n2", "weaved", "report"))["datapath"]["counters"]
@@ -290,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows))
     keys = ("rx_superpackets", "rx_chunks", "rx_partial_runs", "rx_packets", "native_rx_packets", "native_tx_packets")
     print("\nC-loop sleeve receiver (n2): " + ", ".join(f"{k}={counters.get(k, 0):,}" for k in keys))
-    if args.encrypted:
+    if args.encrypted or args.password_file:
         more = (*keys, "rx_sealed", "tx_sealed", "drop_udp_auth", "drop_udp_replay")
         print("Encrypted sleeve receiver (n2): " + ", ".join(f"{k}={sealed.get(k, 0):,}" for k in more))
     return 0
@@ -302,6 +308,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-python-loop", dest="python_loop", action="store_false",
                         help="skip the row of the sleeve restarted without its C hot loop")
     parser.add_argument("--encrypted", action="store_true",
-                        help="add the encrypted sleeve (C loop, test-only fixed keys, see the module docstring)")
+                        help="add the encrypted sleeve row (C loop, a random mesh password)")
+    parser.add_argument("--password-file", metavar="PATH",
+                        help="add the encrypted sleeve row with this mesh password")
     parser.add_argument("--loss", type=float, default=0.0, metavar="PCT",
                         help="drop PCT %% of underlay packets on a single-packet wire (e.g. 1)")
