@@ -25,6 +25,8 @@ python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.g
   2>/dev/null || need_apt+=(python3-dev)
 # It seals the sleeve with OpenSSL's libcrypto (EVP): its headers.
 [ -f /usr/include/openssl/evp.h ] || need_apt+=(libssl-dev)
+# ... and, where the CPU has AES-NI and PCLMULQDQ, with libgcrypt (cheaper per chunk; EVP is the fallback).
+[ -f /usr/include/gcrypt.h ] || need_apt+=(libgcrypt20-dev)
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || need_apt+=(libc6-dev)
 # Real CNI clients and reference plugins for tests/cni (see docs/cni.md).
 command -v containerd >/dev/null || need_apt+=(containerd)

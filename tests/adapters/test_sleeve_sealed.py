@@ -7,6 +7,8 @@ the loop; STRANGER is an established neighbour without keys (a trusted subnet): 
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 from collections.abc import Iterator
 
@@ -95,11 +97,15 @@ class Rig:
             s.close()
 
 
-@pytest.fixture(params=[True, False], ids=["c-pump", "python"])
-def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
-    if request.param and not sleeve_native.AVAILABLE:
+@pytest.fixture(params=["default", "openssl", None], ids=["c-pump", "c-pump-openssl", "python"])
+def rig(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    """The C pump with its fastest AEAD, the C pump with its EVP fallback, and the Python loop."""
+    if request.param is not None and not sleeve_native.AVAILABLE:
         pytest.fail("the C pump was not built (setup.py: a C compiler, the Python and OpenSSL headers are needed)")
-    r = Rig(request.param)
+    if request.param == "openssl":
+        fallback = functools.partial(sleeve_native.new_pump, aead="openssl")
+        monkeypatch.setattr(sleeve_native, "new_pump", fallback)
+    r = Rig(request.param is not None)
     yield r
     r.close()
 
@@ -206,6 +212,57 @@ def test_after_a_rekey_the_new_keys_seal_and_the_previous_still_open(rig: Rig) -
     raw = rig.near.recv(70000)
     assert int.from_bytes(raw[8:12], "big") == new_theirs.recv_id
     rig.sealers[NEAR].open(raw, rig.address)
+
+
+def test_every_aead_of_the_pump_seals_and_opens_as_python_does() -> None:
+    """Each library the pump can seal with (libgcrypt, OpenSSL's EVP) against ``cryptography``: the same
+    sealed bytes, the same opened frames, forged and replayed datagrams refused and counted."""
+    if not sleeve_native.AVAILABLE:
+        pytest.fail("the C pump was not built")
+    from weaved.adapters import _sleevepump
+
+    assert "openssl" in _sleevepump.AEADS and _sleevepump.AEADS == sleeve_native.AEADS
+    ours, theirs = session(4)
+    address = ("127.0.0.1", 7001)
+    table = build(OWN, SHORT, SEGMENTS, {NEAR: NEAR}, {NEAR: Endpoint(*address)}, {NEAR: 1500},
+                  {NEAR: PeerSleeveKeys(ours)})
+    batch = b"".join(chunks_of(super_packet(NEAR_POD, OWN_POD, PAYLOAD), frame=12))
+    v1 = sleeve.encode(bytes(IP(src=NEAR_POD, dst=OWN_POD) / UDP()), 22, 11)
+    for aead in _sleevepump.AEADS:
+        pump = _sleevepump.Pump(bytearray(VNET_SIZE + 65_535), bytearray(1 << 17), aead)
+        assert pump.aead() == aead
+        pump.set_table(sleeve_native.pack_table(table, own_chunk=1500))
+        python, neighbour = Sealer(), Sealer()
+        python.update(table.keys)
+        neighbour.update({address: PeerSleeveKeys(theirs)})  # plays NEAR, sealing to us
+        for data, segment in ((batch, CHUNK), (v1, 0), (v1[:sleeve.HEADER_SIZE], 0), (batch, 0)):
+            assert pump.seal(address, data, segment) == python.seal_batch(address, data, segment), aead
+            sealed = neighbour.seal_batch(address, data, segment)
+            assert pump.open(address, sealed, segment and segment + OVERHEAD) == data, aead
+        assert pump.open(address, sealed, 0) == b""  # replayed
+        forged = bytearray(neighbour.seal(address, v1))
+        forged[-1] ^= 1
+        assert pump.open(address, bytes(forged), 0) == b""
+        assert pump.open(("127.0.0.1", 7002), neighbour.seal(address, v1), 0) == b""  # NEAR's key, not NEAR
+        counts = pump.counters()
+        assert (counts["drop_udp_replay"], counts["drop_udp_auth"]) == (1, 2), aead
+
+
+def test_the_pump_seals_with_libgcrypt_where_it_was_built_with_it_and_the_cpu_can() -> None:
+    """The faster library is the default wherever setup.py found libgcrypt and the CPU has AES-NI and
+    PCLMULQDQ (bench/aead_per_chunk.py: ~two thirds of EVP's cost per chunk); an unknown name is refused."""
+    if not sleeve_native.AVAILABLE:
+        pytest.fail("the C pump was not built")
+    from weaved.adapters import _sleevepump
+
+    with open("/proc/cpuinfo") as f:
+        flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    if not os.path.exists("/usr/include/gcrypt.h") or not {"aes", "pclmulqdq"} <= flags:
+        pytest.skip("no libgcrypt headers or no AES-NI and PCLMULQDQ here: the pump seals with EVP")
+    assert _sleevepump.AEADS == ("libgcrypt", "openssl")
+    assert _sleevepump.Pump(bytearray(VNET_SIZE + 65_535), bytearray(1 << 17)).aead() == "libgcrypt"
+    with pytest.raises(ValueError):
+        _sleevepump.Pump(bytearray(VNET_SIZE + 65_535), bytearray(1 << 17), "rot13")
 
 
 def test_the_c_pump_and_python_seal_byte_for_byte_the_same() -> None:

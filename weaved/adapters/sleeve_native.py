@@ -88,6 +88,12 @@ def pack_table(table: ForwardingTable, own_chunk: int) -> bytes:
     return head + b"".join(segments) + b"".join(senders) + b"".join(owners) + b"".join(keys)
 
 
-def new_pump(read_buffer: bytearray, receive_buffer: bytearray) -> Pump | None:
-    """A pump over the Python loop's buffers, or None when the extension was not built."""
-    return None if _pump is None else _pump.Pump(read_buffer, receive_buffer)
+AEADS: tuple[str, ...] = () if _pump is None else tuple(getattr(_pump, "AEADS", ("openssl",)))
+"""The libraries the pump can seal with here, fastest first ('libgcrypt' where it was built with libgcrypt and
+the CPU has AES-NI and PCLMULQDQ, then 'openssl'): all the same AES-256-GCM (``_sleevepump.c``)."""
+
+
+def new_pump(read_buffer: bytearray, receive_buffer: bytearray, aead: str | None = None) -> Pump | None:
+    """A pump over the Python loop's buffers, or None when the extension was not built. ``aead``: one of
+    :data:`AEADS` (tests), None the fastest."""
+    return None if _pump is None else _pump.Pump(read_buffer, receive_buffer, aead)
