@@ -24,12 +24,15 @@
  * the Python path have it clear, so the two never reuse an id within a sender.
  *
  * Sealing (weaved.core.sleeveseal is the definition): the table carries each keyed neighbour's send key and
- * receive keys. Each key gets a slot with its own EVP_CIPHER_CTX (AES-256-GCM, keyed once) and its send
- * counter or replay window; slots outlive tables (a rebuilt table with the same key keeps its slot, so no
- * counter restarts). A batch from a keyed neighbour is opened in place first, datagram by datagram, the
- * plain frames closed up at the start of the buffer (auth, replay, unsealed counted here), and the fast path
- * or Python then sees plain frames (inbound's `opened` argument). What goes to a keyed neighbour is sealed
- * into `tx`, one GSO send at a time; the Python path seals through Pump.seal, so every key has one counter.
+ * receive keys. Each key gets a slot with its own cipher state (AES-256-GCM, keyed once: a libgcrypt handle
+ * where the build has libgcrypt and the CPU AES-NI and PCLMULQDQ, about two thirds of EVP's cost per chunk,
+ * else an EVP_CIPHER_CTX; see `aead_names`) and its send counter or replay window; slots outlive tables (a
+ * rebuilt table with the same key keeps its slot, so no counter restarts). A batch from a keyed neighbour is
+ * opened in place first, datagram by datagram, the plain frames closed up at the start of the buffer (auth,
+ * replay, unsealed counted here), and the fast path or Python then sees plain frames (inbound's `opened`
+ * argument). What goes to a keyed neighbour is sealed into `tx`, one GSO send at a time (libgcrypt: each
+ * chunk gathered there, then sealed in place); the Python path seals through Pump.seal, so every key has one
+ * counter.
  *
  * The buffers are the Python loop's own bytearrays, held (PyBUF_WRITABLE) for the pump's lifetime so they
  * cannot be resized under the loop. Counters are per-name uint64 written by the loop thread only and read
