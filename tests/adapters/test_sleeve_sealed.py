@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import IP, UDP, Raw
@@ -24,8 +25,8 @@ from weaved.adapters.sleeve_offload import SOL_UDP, UDP_SEGMENT, OffloadLoop
 from weaved.adapters.udp import open_control_socket
 from weaved.core import sleeve, superframe
 from weaved.core.forwarding import build
-from weaved.core.seal import PeerSleeveKeys, SleeveKeys
-from weaved.core.sleeveseal import OVERHEAD, SEALED_V2, Sealer
+from weaved.core.seal import COUNTER_LIMIT, REPLAY_WINDOW, PeerSleeveKeys, ReplayWindow, SleeveKeys, nonce
+from weaved.core.sleeveseal import CLEAR, OVERHEAD, SEALED_V2, Sealer
 from weaved.core.superframe import VNET_SIZE, ZERO_VNET
 from weaved.core.types import Endpoint, PeerName, peer_name_from_bytes
 
@@ -264,6 +265,47 @@ def test_the_pump_seals_with_libgcrypt_where_it_was_built_with_it_and_the_cpu_ca
     assert _sleevepump.Pump(bytearray(VNET_SIZE + 65_535), bytearray(1 << 17)).aead() == "libgcrypt"
     with pytest.raises(ValueError):
         _sleevepump.Pump(bytearray(VNET_SIZE + 65_535), bytearray(1 << 17), "rot13")
+
+
+def _sealed_with_counter(keys: SleeveKeys, frame: bytes, counter: int) -> bytes:
+    """``frame`` sealed by the neighbour holding ``keys`` with any ``counter`` (a Sealer only counts up)."""
+    magic, version, ttl, src, dst = sleeve.HEADER.unpack_from(frame, 0)
+    clear = CLEAR.pack(magic, version + 2, ttl, src, dst, keys.send_id, counter)
+    return clear + AESGCM(keys.send_key).encrypt(nonce(counter), frame[sleeve.HEADER_SIZE:], clear)
+
+
+_STEP = st.one_of(st.integers(-70, 70), st.integers(-4200, 4200), st.integers(0, 1 << 14),
+                 st.sampled_from([REPLAY_WINDOW - 1, REPLAY_WINDOW, REPLAY_WINDOW + 64, -REPLAY_WINDOW, 1 << 40,
+                                  COUNTER_LIMIT]))
+_COUNTER_WALK = st.lists(st.one_of(_STEP, st.tuples(st.integers(0, 59))), min_size=1, max_size=60)
+"""A walk of counters: an int moves the counter by that much; a 1-tuple (k,) sends counter k of the walk again."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(walk=_COUNTER_WALK)
+def test_the_pump_replay_window_accepts_exactly_what_python_accepts(walk: list[int | tuple[int]]) -> None:
+    """The C window (a ring of bits indexed by counter) against seal.ReplayWindow (a shifted bitmap): any
+    walk of counters, forwards, backwards, replays, across word and window edges and up to the limit."""
+    if not sleeve_native.AVAILABLE:
+        pytest.fail("the C pump was not built")
+    from weaved.adapters import _sleevepump
+
+    ours, theirs = session(5)
+    address = ("127.0.0.1", 7001)
+    table = build(OWN, SHORT, SEGMENTS, {NEAR: NEAR}, {NEAR: Endpoint(*address)}, {NEAR: 1500},
+                  {NEAR: PeerSleeveKeys(ours)})
+    pump = _sleevepump.Pump(bytearray(VNET_SIZE + 65_535), bytearray(1 << 17))
+    pump.set_table(sleeve_native.pack_table(table, own_chunk=1500))
+    frame = sleeve.encode(bytes(IP(src=NEAR_POD, dst=OWN_POD) / UDP()), 22, 11)
+    window, counter, sent = ReplayWindow(), 0, []
+    for step in walk:
+        if isinstance(step, tuple):
+            counter = sent[step[0] % len(sent)] if sent else counter
+        else:
+            counter = min(max(counter + step, 0), (1 << 64) - 1)
+        sent.append(counter)
+        accepted = pump.open(address, _sealed_with_counter(theirs, frame, counter), 0) == frame
+        assert accepted == window.mark(counter), (counter, window.highest)
 
 
 def test_the_c_pump_and_python_seal_byte_for_byte_the_same() -> None:

@@ -93,6 +93,7 @@
 #define SEAL_OVERHEAD (CLEAR_SIZE - HEADER_SIZE + TAG_SIZE)
 #define KEY_SIZE 32
 #define REPLAY_WINDOW 4096
+#define RING_WORDS 128 /* a power of two >= REPLAY_WINDOW / 64 + 1 */
 #define COUNTER_LIMIT (UINT64_MAX - 8192u) /* seal.COUNTER_LIMIT: 2**64 - 2**13 - 1 */
 #define MAX_SLOTS 1024
 #define SENDER_SEALED 1
@@ -248,7 +249,7 @@ typedef struct {
     uint64_t counter;      /* dir 0: the next counter to seal with */
     uint64_t highest;      /* dir 1: highest counter accepted (valid when `any`) */
     int any;
-    uint64_t bits[REPLAY_WINDOW / 64]; /* bit k: counter highest - k accepted */
+    uint64_t bits[RING_WORDS]; /* bit c % 64 of word (c / 64) % RING_WORDS: counter c accepted (slot_mark) */
 } slot_t;
 
 static void slot_free(slot_t *s) {
@@ -259,33 +260,33 @@ static void slot_free(slot_t *s) {
     OPENSSL_cleanse(s, sizeof *s);
 }
 
+/* The replay window (seal.ReplayWindow: counters up to REPLAY_WINDOW - 1 behind the highest accepted, each
+ * once) as a ring of bits indexed by the counter itself (RFC 6479), not by its distance from the highest:
+ * accepting the next counter then sets one bit and clears at most the word it enters, where a bitmap shifted
+ * on every new highest counter cost a pass over all REPLAY_WINDOW / 64 words per datagram (measured: about
+ * as much as the memmove that closes the opened frames up). RING_WORDS is a power of two with room for
+ * REPLAY_WINDOW + 64 counters, so every counter the window still accepts has its own bit. */
+static inline uint64_t *ring_word(slot_t *s, uint64_t counter) { return &s->bits[(counter / 64) % RING_WORDS]; }
+
 static int slot_fresh(const slot_t *s, uint64_t counter) {
     if (counter >= COUNTER_LIMIT) return 0;
     if (!s->any || counter > s->highest) return 1;
-    uint64_t behind = s->highest - counter;
-    return behind < REPLAY_WINDOW && !((s->bits[behind / 64] >> (behind % 64)) & 1);
+    if (s->highest - counter >= REPLAY_WINDOW) return 0;
+    return !((s->bits[(counter / 64) % RING_WORDS] >> (counter % 64)) & 1);
 }
 
 static void slot_mark(slot_t *s, uint64_t counter) {
     if (!s->any || counter > s->highest) {
-        uint64_t shift = s->any ? counter - s->highest : REPLAY_WINDOW;
-        if (shift >= REPLAY_WINDOW) {
+        uint64_t from = s->highest / 64, to = counter / 64;
+        if (!s->any || to - from >= RING_WORDS) {
             memset(s->bits, 0, sizeof s->bits);
         } else {
-            size_t words = (size_t)(shift / 64), bits = (size_t)(shift % 64), n = REPLAY_WINDOW / 64;
-            for (size_t i = n; i-- > 0;) {
-                uint64_t v = i >= words ? s->bits[i - words] << bits : 0;
-                if (bits && i >= words + 1) v |= s->bits[i - words - 1] >> (64 - bits);
-                s->bits[i] = v;
-            }
+            for (uint64_t w = from + 1; w <= to; w++) s->bits[w % RING_WORDS] = 0; /* words entered anew */
         }
-        s->bits[0] |= 1;
         s->highest = counter;
         s->any = 1;
-        return;
     }
-    uint64_t behind = s->highest - counter;
-    s->bits[behind / 64] |= 1ULL << (behind % 64);
+    *ring_word(s, counter) |= 1ULL << (counter % 64);
 }
 
 static void put_be32(uint8_t *b, uint32_t v) {
