@@ -22,9 +22,10 @@ RUN gcc -static -Os -Wall -Wextra -o weave-net cni/weave-net.c \
  && echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION ./weave-net | grep -q supportedVersions
 
 FROM ${PYTHON_IMAGE} AS wheels
-# gcc builds the sleeve's C hot loop into the weaved wheel (setup.py); the final stage needs no compiler.
+# gcc builds the sleeve's C hot loop into the weaved wheel (setup.py), sealing frames with libgcrypt (AES-256-GCM)
+# and OpenSSL's libcrypto as its fallback; the final stage needs no compiler, only those two libraries.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev libgcrypt20-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY docker/requirements.txt docker/requirements.txt
@@ -38,7 +39,7 @@ LABEL org.opencontainers.image.title="weaved" \
       org.opencontainers.image.description="A Weave-Net-like overlay network for Kubernetes" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables \
+ && apt-get install -y --no-install-recommends nftables libssl3 libgcrypt20 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=wheels /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-index --no-deps /tmp/wheels/*.whl \
