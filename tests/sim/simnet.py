@@ -42,8 +42,11 @@ class SimPeer:
 
 
 class SimNet:
-    def __init__(self, seed: int, profile: LinkProfile | None = None, config: MeshConfig | None = None) -> None:
+    def __init__(self, seed: int, profile: LinkProfile | None = None, config: MeshConfig | None = None,
+                 version_clock_ms: int | None = None) -> None:
         self.seed = seed
+        self.version_clock_ms = version_clock_ms
+        """Start peers at this wall-clock millisecond count plus virtual time, as the daemon does; None: at 1."""
         self.rng = random.Random(seed)
         self.profile = profile or LinkProfile()
         self.config = config or MeshConfig()
@@ -78,7 +81,8 @@ class SimNet:
         uid = PeerUID(self.rng.getrandbits(64))
         identity = PeerIdentity(name, nickname, uid, default_short_id(name))
         rng = random.Random(self.rng.getrandbits(64))
-        return MeshPeer(identity, self.config, rng, self.now, initial_version=1)
+        initial = 1 if self.version_clock_ms is None else self.version_clock_ms + int(self.now * 1000)
+        return MeshPeer(identity, self.config, rng, self.now, initial_version=initial)
 
     def add_clone(self, nickname: str, of: str, targets: Iterable[Endpoint], index: int) -> SimPeer:
         """A peer that uses another peer's name (a cloned machine), with its own UID and address."""
