@@ -54,6 +54,8 @@ class Connection:
     """The remote's token, which we echo; None until learnt, and for ever from a peer too old to send one."""
     verified: bool = False
     """The remote echoed our token: it receives at ``address`` (not a blind spoofer)."""
+    owed_digest: bool = False
+    """A digest was refused for want of credit before the remote was verified: sent once it is."""
 
     @property
     def tokens(self) -> bool:

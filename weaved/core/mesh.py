@@ -68,6 +68,12 @@ from weaved.core.wire import (
 
 OVERLAYS: tuple[str, ...] = ("sleeve",)
 
+ENVELOPE_MIN, ENVELOPE_MAX = 16, 32
+"""Bounds on the bytes around a body (magic, version, type, name, UID): what a source earns is counted
+low, what we answer high, so the 4x bound holds on real bytes."""
+DIGEST_ITEM_MIN = 11
+"""Smallest encoded digest item (array header, 6-byte name, two one-byte integers)."""
+
 MAX_LEARNT_TARGETS = 4096
 """Dial targets learnt from gossip (one per peer address in an honest mesh): more means forged entries."""
 
@@ -377,9 +383,13 @@ class MeshPeer:
             conn.verified = True  # it received our token at this address
             if conn.state is ConnState.ESTABLISHED:
                 self._grant_pull(conn, now)
+                if conn.owed_digest:
+                    # Its summary overtook the heartbeat that proves it: answer now.
+                    conn.owed_digest = False
+                    self._send_digest(conn.address, now)
         if conn.state is ConnState.PENDING:
             self._establish(conn, now, "handshake confirmed")
-        self._budget.earn(conn.address, self._received_size(message), now, self._budget_cap())
+        self._budget.earn(conn.address, self._body_size(body, low=True), now, self._budget_cap())
         match body:
             case Heartbeat():
                 pass
@@ -393,7 +403,8 @@ class MeshPeer:
                 # A digest is as big as the topology: at most one per neighbour per half AE period.
                 if body.digest_hash != self.topology.digest_hash() and self._rate_ok(
                         ("digest", conn.address), now, self.config.anti_entropy_interval / 2):
-                    self._send_digest(conn.address, now)
+                    sent = self._send_digest(conn.address, now)
+                    conn.owed_digest = not sent and conn.tokens and not conn.verified
             case GossipDigest():
                 push, want = gossip.compare_digest(body.items, self.topology.entries)
                 self._send_entries(conn.address, push, now)
@@ -407,25 +418,31 @@ class MeshPeer:
 
     # --- answer budget (see weaved.core.guards) ---------------------------------------------------
 
-    def _received_size(self, message: Message) -> int:
-        """Bytes of a received datagram (re-encoded: the receive path does not pass them on); entries
-        from the size cache, since updates are the bulk of gossip."""
-        if isinstance(message.body, GossipUpdate):
-            return 16 + sum(self._sizes.size(e) for e in message.body.entries)
-        return len(encode(message))
-
-    def _full_pull_size(self) -> int:
-        """About what a peer that knows nothing draws from us: our digest and every entry."""
-        entries = self.topology.entries.values()
-        return sum(self._sizes.size(e) + gossip.DIGEST_ITEM_SIZE for e in entries) + 1024
+    def _body_size(self, body: Body, low: bool) -> int:
+        """Bounds on the bytes of a datagram carrying ``body`` (the receive path does not pass them on,
+        and encoding twice would cost the simulated network dearly): ``low`` for what a source earns,
+        high for what we answer, so the 4x bound holds on real bytes. Entries are exact (cached)."""
+        envelope = ENVELOPE_MIN if low else ENVELOPE_MAX
+        match body:
+            case GossipUpdate():
+                return envelope + sum(self._sizes.size(e) for e in body.entries)
+            case GossipDigest():
+                return envelope + (DIGEST_ITEM_MIN if low else gossip.DIGEST_ITEM_SIZE) * len(body.items)
+            case GossipRequest():
+                return envelope + gossip.REQUEST_ITEM_SIZE * len(body.names)
+            case Relay():
+                return envelope + 20 + len(body.channel) + len(body.payload)
+        return envelope + 16
 
     def _budget_cap(self) -> int:
-        """Most credit one address may hold: two full pulls (cached per topology generation)."""
-        generation, cap = self._budget_cap_cache
-        if generation != self.topology.generation:
-            cap = max(65_536, 2 * self._full_pull_size())
-            self._budget_cap_cache = (self.topology.generation, cap)
-        return cap
+        """Most credit one address may hold: about two full pulls of our view (digest and every entry),
+        measured at each settle."""
+        return self._budget_cap_cache[1] or 65_536
+
+    def _measure_budget_cap(self) -> None:
+        entries = self.topology.entries.values()
+        pull = sum(self._sizes.size(e) + gossip.DIGEST_ITEM_SIZE for e in entries) + 1024
+        self._budget_cap_cache = (self.topology.generation, max(65_536, 2 * pull))
 
     def _grant_pull(self, conn: Connection, now: float) -> None:
         """A peer that proved it receives at its address (it echoed our token) may pull our whole view
@@ -434,8 +451,7 @@ class MeshPeer:
 
     def _answer(self, address: Endpoint, body: Body, now: float) -> bool:
         """Send a gossip answer if ``address`` has the credit for it; False (and counted) if not."""
-        size = len(encode(Message(PROTOCOL_MAX, self.identity.name, self.identity.uid, body)))
-        if not self._budget.spend(address, size, now):
+        if not self._budget.spend(address, self._body_size(body, low=False), now):
             self._drop("answer-budget")
             return False
         self._send(address, body)
@@ -865,9 +881,10 @@ class MeshPeer:
         self._said_goodbye -= self._reachable.keys() - reachable.keys()
         self._reachable = reachable
         self.topology.collect_garbage()
+        self._measure_budget_cap()
         self._prune_learnt_targets()
         changed, self._changed_since_settle = self._changed_since_settle, set()
-        self._learn_targets([entries[n] for n in changed if n in reachable], now)
+        self._learn_targets([entries[n] for n in sorted(changed) if n in reachable], now)
         self._settle_short_id(now)
 
     def _learn_targets(self, changed: list[PeerEntry], now: float) -> None:
@@ -930,13 +947,15 @@ class MeshPeer:
             news = [e for e in entries if sources.get(e.name) != conn.remote.name]
             self._send_entries(conn.address, news)
 
-    def _send_all(self, address: Endpoint, bodies: list[Body], answer_at: float | None) -> None:
-        """Send ``bodies``; as an answer (``answer_at`` is now) only while the address has credit."""
+    def _send_all(self, address: Endpoint, bodies: list[Body], answer_at: float | None) -> bool:
+        """Send ``bodies``; as an answer (``answer_at`` is now) only while the address has credit.
+        False if the credit ran out first."""
         for body in bodies:
             if answer_at is None:
                 self._send(address, body)
             elif not self._answer(address, body, answer_at):
-                return
+                return False
+        return True
 
     def _send_entries(self, address: Endpoint, entries: list[PeerEntry], answer_at: float | None = None) -> None:
         parts = gossip.chunk(entries, self._sizes.size)
@@ -945,10 +964,10 @@ class MeshPeer:
     def _send_summary(self, conn: Connection) -> None:
         self._send(conn.address, GossipSummary(self.topology.digest_hash(), len(self.topology.entries)))
 
-    def _send_digest(self, address: Endpoint, answer_at: float) -> None:
+    def _send_digest(self, address: Endpoint, answer_at: float) -> bool:
         items = [DigestItem(e.name, e.version, e.uid) for e in self.topology.entries.values()]
         parts = gossip.chunk(items, lambda _: gossip.DIGEST_ITEM_SIZE)
-        self._send_all(address, [GossipDigest(tuple(part)) for part in parts], answer_at)
+        return self._send_all(address, [GossipDigest(tuple(part)) for part in parts], answer_at)
 
     def _send_request(self, address: Endpoint, want: list[DigestItem], answer_at: float) -> None:
         parts = gossip.chunk([i.name for i in want], lambda _: gossip.REQUEST_ITEM_SIZE)

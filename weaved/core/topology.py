@@ -120,7 +120,9 @@ class Topology:
                 result.improved.append(entry)
         if result.improved:
             self.generation += 1
-            if len(self.entries) > len(self.next_hops()) + 1 + MAX_UNREACHABLE:
+            # Cheap test first (routes as last computed), so honest merges never pay for a route search.
+            if len(self.entries) > len(self._next_hops) + 1 + MAX_UNREACHABLE \
+                    and len(self.entries) > len(self.next_hops()) + 1 + MAX_UNREACHABLE:
                 removed = self.collect_garbage()
                 result.improved = [e for e in result.improved if e.name not in removed]
         return result
