@@ -51,8 +51,11 @@ class SimPeer:
 
 
 class SimNet:
-    def __init__(self, seed: int, profile: LinkProfile | None = None, config: MeshConfig | None = None) -> None:
+    def __init__(self, seed: int, profile: LinkProfile | None = None, config: MeshConfig | None = None,
+                 version_clock_ms: int | None = None) -> None:
         self.seed = seed
+        self.version_clock_ms = version_clock_ms
+        """Start peers at this wall-clock millisecond count plus virtual time, as the daemon does; None: at 1."""
         self.rng = random.Random(seed)
         self.profile = profile or LinkProfile()
         self.config = config or MeshConfig()
@@ -97,7 +100,8 @@ class SimNet:
             entropy = random.Random(self.rng.getrandbits(64)).randbytes
             # Wall-clock ms at start, as the daemon passes it: later starts get larger stamps.
             secure = SecureConfig(_psk(password), entropy, self.stamp_base + int(self.now * 1000))
-        return MeshPeer(identity, self.config, rng, self.now, initial_version=1, secure=secure)
+        initial = 1 if self.version_clock_ms is None else self.version_clock_ms + int(self.now * 1000)
+        return MeshPeer(identity, self.config, rng, self.now, initial_version=initial, secure=secure)
 
     def add_clone(self, nickname: str, of: str, targets: Iterable[Endpoint], index: int) -> SimPeer:
         """A peer that uses another peer's name (a cloned machine), with its own UID and address."""

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tests.unit.strategies import entries, small_names
 from weaved.core.entries import ConnectionEntry, PeerEntry
 from weaved.core.routes import broadcast_children, symmetric_neighbours, unicast_next_hops
-from weaved.core.topology import Topology
+from weaved.core.topology import MAX_UNREACHABLE, MAX_VERSION_JUMP, Topology
 from weaved.core.types import Endpoint, PeerName, PeerUID, ShortID, peer_name_from_bytes
 
 SELF = peer_name_from_bytes(bytes([2, 0, 0, 0, 0, 0xFF]))
@@ -149,3 +149,60 @@ def test_broadcast_reaches_every_reachable_peer_exactly_once(edges: list[tuple[i
             queue.append(child)
     assert set(received) == set(naive_distances(entries, origin))
     assert all(count == 1 for count in received.values())
+
+
+# --- hardening: version jumps, unreachable entries, short ids --------------------------------------------
+
+def _peer(i: int, version: int, uid: int = 1, conns: tuple[ConnectionEntry, ...] = ()) -> PeerEntry:
+    return PeerEntry(peer_name_from_bytes(bytes([2, 0, 0, 0, 1, i])), f"p{i}", PeerUID(uid), version, ShortID(i),
+                     conns)
+
+
+def test_a_version_far_above_the_held_one_is_refused_unless_under_the_clock() -> None:
+    t = fresh()
+    clock = 1_780_000_000_000
+    t.merge([_peer(1, clock)], clock)
+    forged = _peer(1, 2**62, uid=2)
+    assert t.merge([forged], clock).implausible == 1
+    assert t.entries[forged.name].version == clock
+    bump = _peer(1, clock + 5)
+    restart = _peer(1, clock + 200 * 86_400_000, uid=3)  # restarted after 200 days up
+    assert t.merge([bump], clock).improved == [bump]
+    assert t.merge([restart], clock + 200 * 86_400_000).improved == [restart]
+    assert t.merge([_peer(2, clock + 2 * 366 * 86_400_000)], clock).implausible == 1, "a clock two years ahead"
+
+
+def test_without_a_clock_only_bounded_jumps_pass() -> None:
+    t = fresh()
+    assert t.merge([_peer(1, 10)]).improved
+    assert t.merge([_peer(1, 10 + MAX_VERSION_JUMP + 1)]).implausible == 1
+    assert t.merge([_peer(1, 10 + MAX_VERSION_JUMP)]).improved
+
+
+def test_own_name_with_a_huge_version_is_dropped_not_reported() -> None:
+    t = fresh()
+    result = t.merge([PeerEntry(SELF, "forged", PeerUID(9), 2**62, ShortID(1), ())], 1_780_000_000_000)
+    assert result.own_conflict is None and result.implausible == 1
+
+
+def test_unreachable_entries_are_bounded_at_once() -> None:
+    t = fresh()
+    t.merge([_peer(i % 256, 1, uid=i) for i in range(200)])
+    assert len(t.entries) == 201
+    many = [PeerEntry(peer_name_from_bytes(bytes([2, 0, 0, 2, i >> 8, i & 0xFF])), "x", PeerUID(1), 1, ShortID(0), ())
+            for i in range(MAX_UNREACHABLE + 10)]
+    result = t.merge(many)
+    assert len(t.entries) <= 1 + MAX_UNREACHABLE
+    assert all(e.name in t.entries for e in result.improved)
+
+
+def test_short_ids_count_only_reachable_peers() -> None:
+    a = peer_name_from_bytes(bytes([2, 0, 0, 0, 0, 1]))
+    ep = Endpoint("198.51.100.1", 6783)
+    t = fresh()
+    t.set_own(PeerEntry(SELF, "self", PeerUID(1), 2, ShortID(1), (ConnectionEntry(a, ep, True, True),)))
+    t.merge([PeerEntry(a, "a", PeerUID(1), 1, ShortID(2), (ConnectionEntry(SELF, ep, False, True),))])
+    squatters = [PeerEntry(peer_name_from_bytes(bytes([0, 0, 0, 0, 0, i])), "s", PeerUID(1), 1, ShortID(i), ())
+                 for i in range(4)]
+    t.merge(squatters)
+    assert t.short_ids() == {SELF: 1, a: 2}

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tests.unit.strategies import endpoints, entries, names
 from weaved.core import gossip
-from weaved.core.types import PeerUID, ShortID
+from weaved.core.types import PeerUID, ShortID, peer_name_from_bytes
 from weaved.core.wire import (
     MAX_DATAGRAM,
     PROTOCOL_MAX,
@@ -33,13 +33,17 @@ from weaved.core.wire import (
 uids = st.integers(0, 2**64 - 1).map(PeerUID)
 short_ids = st.integers(0, 4095).map(ShortID)
 overlays = st.lists(st.sampled_from(["sleeve", "fastdp"]), max_size=2).map(tuple)
+tokens = st.integers(0, 2**64 - 1)
 bodies = st.one_of(
     st.builds(Hello, st.integers(0, 255), st.integers(0, 255), st.text(max_size=64), short_ids, overlays,
-              st.one_of(st.none(), st.integers(0, 1 << 32))),
+              st.none()),
+    st.builds(Hello, st.integers(0, 255), st.integers(0, 255), st.text(max_size=64), short_ids, overlays,
+              st.integers(0, 1 << 32), st.one_of(st.none(), tokens)),
     st.builds(HelloAck, st.just(PROTOCOL_MAX), st.text(max_size=64), short_ids, overlays),
+    st.builds(HelloAck, st.just(PROTOCOL_MAX), st.text(max_size=64), short_ids, overlays, tokens, tokens),
     st.builds(Reject, st.text(max_size=32), st.text(max_size=256)),
-    st.just(Heartbeat()),
-    st.just(Goodbye()),
+    st.builds(Heartbeat, st.one_of(st.none(), tokens)),
+    st.builds(Goodbye, st.one_of(st.none(), tokens)),
     st.builds(GossipUpdate, st.lists(entries(), max_size=5).map(tuple)),
     st.builds(GossipSummary, st.binary(min_size=8, max_size=8), st.integers(0, 10_000)),
     st.builds(GossipDigest, st.lists(st.builds(DigestItem, names, st.integers(0, 2**64 - 1), uids),
@@ -128,3 +132,20 @@ def test_chunked_updates_fit_and_carry_everything(many: list, _addr: object) -> 
         if len(part) > 1:
             assert len(data) <= 2 * 1200
         assert decode(data).body == GossipUpdate(tuple(part))
+
+
+def test_tokens_leave_the_older_shapes_alone() -> None:
+    """Without a token, HELLO_ACK, HEARTBEAT and GOODBYE keep the exact shape older peers insist on (their
+    decoders refuse extra fields there); with one, an older peer still reads a HELLO's first six fields."""
+    sender = peer_name_from_bytes(b"\x02\x00\x00\x00\x00\x01")
+
+    def body_of(body: object) -> list[object]:
+        raw = msgpack.unpackb(encode(Message(PROTOCOL_MAX, sender, PeerUID(7), body)))  # type: ignore[arg-type]
+        return list(raw[5])
+
+    assert body_of(Heartbeat()) == [] and body_of(Goodbye()) == []
+    assert body_of(Heartbeat(5)) == [5] and body_of(Goodbye(6)) == [6]
+    assert len(body_of(HelloAck(1, "n", ShortID(3), ("sleeve",)))) == 4
+    assert body_of(HelloAck(1, "n", ShortID(3), ("sleeve",), 8, 9))[4:] == [8, 9]
+    assert body_of(Hello(1, 1, "n", ShortID(3), ("sleeve",), 2, 11))[5:] == [2, 11]
+    assert body_of(Hello(1, 1, "n", ShortID(3), ("sleeve",), None, 11)) == [1, 1, "n", 3, ["sleeve"]]

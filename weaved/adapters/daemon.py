@@ -289,8 +289,10 @@ async def serve(settings: Settings, identity: PeerIdentity, clock: Callable[[], 
         if settings.datapath and settings.offload:
             # We take version-2 frames (virtio headers, super-packets) in chunks as big as our underlay carries.
             overlays += (superframe.overlay(advertised_chunk()),)
+        # SystemRandom: the mesh draws its connection tokens from it, which must not be predictable.
         peer = MeshPeer(identity, MeshConfig(port=settings.port, conn_limit=settings.conn_limit, overlays=overlays),
-                        random.Random(), now=clock(), initial_version=int(time.time() * 1000), secure=secure)
+                        random.SystemRandom(), now=clock(), initial_version=int(time.time() * 1000),
+                        secure=secure)
         node = Node(peer, sock, allocator, store, nicknames=nicknames, clock=clock)
         if settings.datapath:
             node.datapath = Datapath(settings, peer, node.ipam)

@@ -141,8 +141,7 @@ class Datapath:
             if address is not None:
                 sleeve_addresses[name] = address
                 chunk_limits[name] = superframe.chunk_limit(overlays)
-        short_ids = {name: int(entry.short_id) for name, entry in topology.entries.items()}
-        loop.table = forwarding.build(self._peer.identity.name, short_ids, ring_state.segments(),
+        loop.table = forwarding.build(self._peer.identity.name, topology.short_ids(), ring_state.segments(),
                                       topology.next_hops(), sleeve_addresses, chunk_limits, sleeve_keys)
         if ring_state is not self._ring_state:
             self._changed.set()

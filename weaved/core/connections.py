@@ -8,6 +8,12 @@ on the same port, so an inbound datagram's source is also the address to dial ba
     outbound:  CONNECTING --HELLO_ACK--> ESTABLISHED
     inbound:   (HELLO) --> PENDING --any further datagram from that incarnation--> ESTABLISHED
 
+Each end picks a random *token* per connection and sends it in its HELLO or HELLO_ACK; the other end
+echoes it in HELLO_ACK, heartbeats and goodbyes. Only someone who saw the handshake knows it, so a
+forger who merely spoofs a neighbour's address cannot cut the link (goodbye), keep a dead one alive
+(heartbeats), or pass for our own returning HELLO. Peers of an older version send no token; their
+connections work as before, without that protection.
+
 A connection that hears nothing for ``dead_after`` seconds fails. A *target* is an address we want a
 connection to: given by the operator (``--peer``, ``weaved connect``) or learnt from other peers'
 connection lists. A target with no connection is dialled after a jittered, capped exponential backoff.
@@ -42,6 +48,19 @@ class Connection:
     handshake_deadline: float
     overlays: tuple[str, ...] = ()
     """What the remote advertised in its HELLO or HELLO_ACK (the data path reads its sleeve port here)."""
+    local_token: int = 0
+    """Our random token for this connection: sent in our HELLO or HELLO_ACK, expected back in echoes."""
+    peer_token: int | None = None
+    """The remote's token, which we echo; None until learnt, and for ever from a peer too old to send one."""
+    verified: bool = False
+    """The remote echoed our token: it receives at ``address`` (not a blind spoofer)."""
+    owed_digest: bool = False
+    """A digest was refused for want of credit before the remote was verified: sent once it is."""
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the remote speaks tokens: then its heartbeats and goodbyes must echo ours."""
+        return self.peer_token is not None
 
     def label(self) -> str | None:
         return self.remote.label() if self.remote else None

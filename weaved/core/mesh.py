@@ -39,13 +39,14 @@ from weaved.core.events import (
     PeerRestarted,
     RelayDelivered,
 )
+from weaved.core.guards import AnswerBudget, BroadcastFilter
 from weaved.core.routes import broadcast_children
 from weaved.core.seal import PeerSleeveKeys
 from weaved.core.secure import KINDS as SEALED_KINDS
 from weaved.core.secure import Kind as SecureKind
 from weaved.core.secure import Notice, SecureConfig, SecureTransport, notice
 from weaved.core.status import ConnectionStatus, MeshStatus, PeerConnectionStatus, PeerStatus
-from weaved.core.topology import Topology
+from weaved.core.topology import MAX_UNREACHABLE, Topology
 from weaved.core.types import SHORT_ID_SPACE, Endpoint, PeerIdentity, PeerName, PeerUID, ShortID
 from weaved.core.wire import (
     MAX_TTL,
@@ -70,6 +71,15 @@ from weaved.core.wire import (
 )
 
 OVERLAYS: tuple[str, ...] = ("sleeve",)
+
+ENVELOPE_MIN, ENVELOPE_MAX = 16, 32
+"""Bounds on the bytes around a body (magic, version, type, name, UID): what a source earns is counted
+low, what we answer high, so the 4x bound holds on real bytes."""
+DIGEST_ITEM_MIN = 11
+"""Smallest encoded digest item (array header, 6-byte name, two one-byte integers)."""
+
+MAX_LEARNT_TARGETS = 4096
+"""Dial targets learnt from gossip (one per peer address in an honest mesh): more means forged entries."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,12 @@ class MeshPeer:
         """The latest time an adapter call gave us: what sealing (session age, rekeying) is judged by."""
         self._transport = None if secure is None else SecureTransport(
             identity.name, identity.uid, secure, self._send_raw, self._emit, self.counters, now)
+        self._budget = AnswerBudget()
+        self._broadcasts = BroadcastFilter()
+        self._clock_base = (initial_version, now)
+        """Versions start at wall-clock ms: our version then plus the time since is our clock in ms."""
+        self._changed_since_settle: set[PeerName] = set()
+        self._budget_cap_cache = (-1, 0)
 
     # --- adapter interface ------------------------------------------------------------------------
 
@@ -249,7 +265,7 @@ class MeshPeer:
         self._now = now
         for conn in list(self._conns.values()):
             if conn.remote is not None:
-                self._send(conn.address, Goodbye())
+                self._send(conn.address, Goodbye(conn.peer_token))
             self._remove_connection(conn, "we are leaving", now, publish=False)
         self._leaving = True
 
@@ -357,8 +373,11 @@ class MeshPeer:
     def _drop(self, reason: str) -> None:
         self.counters[f"dropped_{reason}"] += 1
 
-    def _hello_ack(self, version: int) -> HelloAck:
-        return HelloAck(version, self.identity.nickname, self.topology.own.short_id, self.config.overlays)
+    def _hello_ack(self, conn: Connection) -> HelloAck:
+        """Our answer on ``conn``: with our token and theirs echoed, if their HELLO carried one."""
+        token = conn.local_token if conn.tokens else None
+        return HelloAck(conn.protocol_version, self.identity.nickname, self.topology.own.short_id,
+                        self.config.overlays, token, conn.peer_token)
 
     def _rate_ok(self, key: tuple[str, Endpoint], now: float, interval: float) -> bool:
         """At most one answer per ``key`` per ``interval``: replies that a forged datagram can trigger
@@ -374,9 +393,17 @@ class MeshPeer:
         self._rate[key] = now
         return True
 
-    def _hello(self) -> Hello:
+    def _hello(self, conn: Connection) -> Hello:
         return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id,
-                     self.config.overlays, len(self.topology.next_hops()))
+                     self.config.overlays, len(self.topology.next_hops()), conn.local_token)
+
+    def _new_token(self) -> int:
+        return self._rng.getrandbits(64)
+
+    def _clock_ms(self, now: float) -> int:
+        """Our wall clock in ms, on the scale versions start at (the daemon starts at wall-clock ms)."""
+        version, since = self._clock_base
+        return version + int(max(0.0, now - since) * 1000)
 
     # --- receiving --------------------------------------------------------------------------------
 
@@ -402,17 +429,41 @@ class MeshPeer:
                 # The sender believes in a connection we do not have (we restarted): make it redial now.
                 self._send(source, Reject("unknown-connection", "no connection with you; please reconnect"))
             return
-        conn.last_received = now
-        if conn.state is not ConnState.ESTABLISHED:
-            if conn.state is ConnState.CONNECTING:
-                self._drop("unexpected")
-                return
+        self._on_connection_message(conn, message, now)
+
+    def _on_connection_message(self, conn: Connection, message: Message, now: float) -> None:
+        """A datagram from the incarnation at the other end of ``conn`` (name, UID and address match)."""
+        assert conn.remote is not None
+        body = message.body
+        if isinstance(body, Heartbeat | Goodbye) and conn.tokens and body.token != conn.local_token:
+            # Only the peer that saw our HELLO or HELLO_ACK knows the token: anyone else merely spoofs
+            # its address, and may neither cut the link nor keep a dead one alive.
+            self._drop("bad-token")
+            return
+        if conn.state is ConnState.CONNECTING:
+            self._drop("unexpected")
+            return
+        if not conn.tokens or isinstance(body, Heartbeat) or conn.state is ConnState.PENDING:
+            # With tokens, only heartbeats (which carry ours) prove the peer alive: forged gossip in its
+            # name must not keep a dead link up.
+            conn.last_received = now
+        if conn.tokens and isinstance(body, Heartbeat) and not conn.verified:
+            conn.verified = True  # it received our token at this address
+            if conn.state is ConnState.ESTABLISHED:
+                self._grant_pull(conn, now)
+                if conn.owed_digest:
+                    # Its summary overtook the heartbeat that proves it: answer now.
+                    conn.owed_digest = False
+                    self._send_digest(conn.address, now)
+        if conn.state is ConnState.PENDING:
             self._establish(conn, now, "handshake confirmed")
+        self._budget.earn(conn.address, self._body_size(body, low=True), now, self._budget_cap())
         match body:
             case Heartbeat():
                 pass
             case Goodbye():
-                self._said_goodbye.add(conn.remote.name)
+                if len(self._said_goodbye) < 4 * self.config.conn_limit:
+                    self._said_goodbye.add(conn.remote.name)
                 self._remove_connection(conn, "peer left", now)
             case GossipUpdate():
                 self._merge(body.entries, now, conn.remote.name)
@@ -420,26 +471,63 @@ class MeshPeer:
                 # A digest is as big as the topology: at most one per neighbour per half AE period.
                 if body.digest_hash != self.topology.digest_hash() and self._rate_ok(
                         ("digest", conn.address), now, self.config.anti_entropy_interval / 2):
-                    self._send_digest(conn.address)
+                    sent = self._send_digest(conn.address, now)
+                    conn.owed_digest = not sent and conn.tokens and not conn.verified
             case GossipDigest():
                 push, want = gossip.compare_digest(body.items, self.topology.entries)
-                self._send_entries(conn.address, push)
-                self._send_request(conn.address, want)
+                self._send_entries(conn.address, push, now)
+                self._send_request(conn.address, want, now)
             case GossipRequest():
                 entries = self.topology.entries
-                self._send_entries(conn.address, [entries[n] for n in dict.fromkeys(body.names) if n in entries])
+                self._send_entries(conn.address, [entries[n] for n in dict.fromkeys(body.names) if n in entries],
+                                   now)
             case Relay():
-                self._on_relay(body)
+                self._on_relay(body, now)
+
+    # --- answer budget (see weaved.core.guards) ---------------------------------------------------
+
+    def _body_size(self, body: Body, low: bool) -> int:
+        """Bounds on the bytes of a datagram carrying ``body`` (the receive path does not pass them on,
+        and encoding twice would cost the simulated network dearly): ``low`` for what a source earns,
+        high for what we answer, so the 4x bound holds on real bytes. Entries are exact (cached)."""
+        envelope = ENVELOPE_MIN if low else ENVELOPE_MAX
+        match body:
+            case GossipUpdate():
+                return envelope + sum(self._sizes.size(e) for e in body.entries)
+            case GossipDigest():
+                return envelope + (DIGEST_ITEM_MIN if low else gossip.DIGEST_ITEM_SIZE) * len(body.items)
+            case GossipRequest():
+                return envelope + gossip.REQUEST_ITEM_SIZE * len(body.names)
+            case Relay():
+                return envelope + 20 + len(body.channel) + len(body.payload)
+        return envelope + 16
+
+    def _budget_cap(self) -> int:
+        """Most credit one address may hold: about two full pulls of our view (digest and every entry),
+        measured at each settle."""
+        return self._budget_cap_cache[1] or 65_536
+
+    def _measure_budget_cap(self) -> None:
+        entries = self.topology.entries.values()
+        pull = sum(self._sizes.size(e) + gossip.DIGEST_ITEM_SIZE for e in entries) + 1024
+        self._budget_cap_cache = (self.topology.generation, max(65_536, 2 * pull))
+
+    def _grant_pull(self, conn: Connection, now: float) -> None:
+        """A peer that proved it receives at its address (it echoed our token) may pull our whole view
+        at once, as a joining peer does; later answers are paid by what it sends."""
+        self._budget.grant(conn.address, self._budget_cap() // 2, now)
+
+    def _answer(self, address: Endpoint, body: Body, now: float) -> bool:
+        """Send a gossip answer if ``address`` has the credit for it; False (and counted) if not."""
+        if not self._budget.spend(address, self._body_size(body, low=False), now):
+            self._drop("answer-budget")
+            return False
+        self._send(address, body)
+        return True
 
     def _from_own_name(self, message: Message, source: Endpoint, now: float) -> None:
         if message.sender_uid == self.identity.uid:
-            # We dialled ourselves (a peer list that includes our own address): stop doing that.
-            target = self._targets.get(source)
-            if target is not None:
-                target.is_self = True
-            conn = self._conns.get(source)
-            if conn is not None:
-                self._remove_connection(conn, "that is our own address", now, quiet=True)
+            self._own_hello_came_back(message, source, now)
             return
         if isinstance(message.body, Hello):
             self._send(source, Reject("collision", f"peer name {self.identity.name} is already in use"))
@@ -449,6 +537,24 @@ class MeshPeer:
             self._on_reject(message, message.body, source, now)
             return
         self._drop("name-collision")
+
+    def _own_hello_came_back(self, message: Message, source: Endpoint, now: float) -> None:
+        """Our name and UID: we dialled ourselves (a peer list that includes our own address), or someone
+        forged it. Only our own HELLO carries the token of one of our dials in progress, so only that
+        marks an address as ours; nothing else may cut a connection."""
+        hello = message.body
+        dial = None
+        if isinstance(hello, Hello) and hello.token is not None:
+            dial = next((c for c in self._conns.values()
+                         if c.state is ConnState.CONNECTING and c.local_token == hello.token), None)
+        if dial is None:
+            self._drop("own-name")
+            return
+        for address in {dial.address, source}:
+            target = self._targets.get(address)
+            if target is not None:
+                target.is_self = True
+        self._remove_connection(dial, "that is our own address", now, quiet=True)
 
     def _negotiate(self, lo: int, hi: int) -> int | None:
         version = min(hi, PROTOCOL_MAX)
@@ -486,10 +592,9 @@ class MeshPeer:
         remote = PeerIdentity(message.sender, hello.nickname, message.sender_uid, hello.short_id)
         conn = self._conns.get(source)
         if conn is not None and conn.remote == remote:
-            # A retransmitted HELLO (our ACK was lost) or a simultaneous open we already adopted.
-            conn.last_received, conn.overlays = now, hello.overlays
-            self._send(source, self._hello_ack(version), version)
-            return
+            if not self._on_repeated_hello(conn, hello, now):
+                return
+            conn = self._conns.get(source)
         reason = self._check_duplicate(remote, source, now)
         if reason is not None:
             self._send(source, Reject("duplicate", reason))
@@ -513,17 +618,43 @@ class MeshPeer:
             conn = Connection(source, outbound=False, state=ConnState.PENDING, remote=remote,
                               protocol_version=version, last_received=now,
                               next_send=now + self.config.hello_interval,
-                              handshake_deadline=now + self.config.handshake_timeout, overlays=hello.overlays)
+                              handshake_deadline=now + self.config.handshake_timeout, overlays=hello.overlays,
+                              local_token=self._new_token(), peer_token=hello.token)
             self._conns[source] = conn
             self._conn_event(conn, "new", "inbound handshake")
         else:
-            # Simultaneous open: we were dialling them too. Keep our record, now we know who it is.
+            # Simultaneous open: we were dialling them too. Keep our record (and token), now we know who it is.
             conn.remote, conn.protocol_version, conn.last_received = remote, version, now
-            conn.overlays = hello.overlays
+            conn.overlays, conn.peer_token = hello.overlays, hello.token
             conn.next_send = now + self.config.hello_interval
             self._set_state(conn, ConnState.PENDING, "simultaneous handshake")
         self._learn_target_name(source, remote.name)
-        self._send(source, self._hello_ack(version), version)
+        self._send(source, self._hello_ack(conn), version)
+
+    def _on_repeated_hello(self, conn: Connection, hello: Hello, now: float) -> bool:
+        """A HELLO from the incarnation we already know at that address. True: handle it as a new
+        handshake (the old connection is gone); False: answered or dropped here.
+
+        Before we are established it is a retransmission (our ACK was lost) or the dialler's new
+        attempt: refresh and answer. Once established, a HELLO cannot change what the handshake settled
+        (overlays, token): the same token is a late duplicate, answered again; another token is the
+        peer dialling anew (it dropped the link), believed only once the link has gone quiet, since
+        anyone who read the peer's name and UID in gossip can forge one."""
+        assert conn.remote is not None
+        if conn.state is not ConnState.ESTABLISHED:
+            conn.last_received, conn.overlays = now, hello.overlays
+            if conn.state is ConnState.PENDING:
+                conn.peer_token = hello.token
+            self._send(conn.address, self._hello_ack(conn), conn.protocol_version)
+            return False
+        if hello.token == conn.peer_token:
+            self._send(conn.address, self._hello_ack(conn), conn.protocol_version)
+            return False
+        if now - conn.last_received < 2 * self.config.heartbeat_interval:
+            self._drop("hello-over-live-connection")
+            return False
+        self._remove_connection(conn, "peer dialled again", now)
+        return True
 
     def _refuse_for_limit(self, their_reachable: int | None, now: float) -> bool:
         """At the connection limit, still take a peer that reaches nobody (up to a quarter above the
@@ -543,6 +674,10 @@ class MeshPeer:
             if conn is None or conn.remote != remote:
                 self._drop("unexpected")
             return
+        if ack.token is not None and ack.echo != conn.local_token:
+            # An answer to a HELLO we did not send (or to an older one of ours): forged or stale.
+            self._drop("bad-token")
+            return
         if not PROTOCOL_MIN <= ack.version <= PROTOCOL_MAX:
             self._drop("version-mismatch")
             self._fail_connection(conn, f"peer chose unsupported protocol version {ack.version}", now)
@@ -553,9 +688,9 @@ class MeshPeer:
             self._fail_connection(conn, reason, now)
             return
         conn.remote, conn.protocol_version, conn.last_received = remote, ack.version, now
-        conn.overlays = ack.overlays
+        conn.overlays, conn.peer_token, conn.verified = ack.overlays, ack.token, ack.token is not None
         self._learn_target_name(source, remote.name)
-        self._send(source, Heartbeat())  # confirms the handshake to the acceptor
+        self._send(source, Heartbeat(conn.peer_token))  # confirms the handshake to the acceptor
         self._establish(conn, now, f"protocol {ack.version}")
 
     def _on_reject(self, message: Message, reject: Reject, source: Endpoint, now: float) -> None:
@@ -569,6 +704,12 @@ class MeshPeer:
         )
         if not from_peer:
             self._drop("unexpected")
+            return
+        if conn is not None and conn.state is ConnState.ESTABLISHED and conn.tokens \
+                and now - conn.last_received < 2 * self.config.heartbeat_interval:
+            # The peer still sends us heartbeats with our token: it has not dropped the link, whoever
+            # wrote this in its name. A peer that really dropped it goes quiet first.
+            self._drop("reject-over-live-connection")
             return
         reason = f"rejected by peer: {reject.reason}"
         if conn is not None:
@@ -614,6 +755,8 @@ class MeshPeer:
         target = self._targets.get(conn.address)
         if target is not None:
             target.attempts, target.last_error, target.name_in_use = 0, "", 0
+        if conn.verified:
+            self._grant_pull(conn, now)
         self._publish(now)
         self._send_entries(conn.address, [self.topology.own])
         if not was_reachable:
@@ -630,6 +773,7 @@ class MeshPeer:
     def _remove_connection(self, conn: Connection, reason: str, now: float, *, publish: bool = True,
                            new_state: str = "closed", quiet: bool = False) -> None:
         del self._conns[conn.address]
+        self._budget.forget(conn.address)
         if not self._established():
             self._connected_since = None
         if not quiet:
@@ -648,17 +792,17 @@ class MeshPeer:
                 if silent >= self.config.dead_after:
                     self._fail_connection(conn, f"heartbeat timeout: nothing heard for {silent:.1f}s", now)
                 elif now >= conn.next_send:
-                    self._send(conn.address, Heartbeat())
+                    self._send(conn.address, Heartbeat(conn.peer_token))
                     conn.next_send = now + self.config.heartbeat_interval
             elif now >= conn.handshake_deadline:
                 what = "no answer to handshake" if conn.state is ConnState.CONNECTING else "handshake not confirmed"
                 self._fail_connection(conn, what, now)
             elif conn.state is ConnState.CONNECTING and now >= conn.next_send:
-                self._send(conn.address, self._hello())
+                self._send(conn.address, self._hello(conn))
                 conn.next_send = now + self.config.hello_interval
             elif conn.state is ConnState.PENDING and now >= conn.next_send:
                 # Our HELLO_ACK may be lost, and after a simultaneous open nobody else retransmits.
-                self._send(conn.address, self._hello_ack(conn.protocol_version), conn.protocol_version)
+                self._send(conn.address, self._hello_ack(conn), conn.protocol_version)
                 conn.next_send = now + self.config.hello_interval
 
     def _connected_names(self) -> set[PeerName]:
@@ -695,10 +839,11 @@ class MeshPeer:
             conn = Connection(target.address, outbound=True, state=ConnState.CONNECTING, remote=None,
                               protocol_version=PROTOCOL_MAX, last_received=now,
                               next_send=now + self.config.hello_interval,
-                              handshake_deadline=now + self.config.handshake_timeout)
+                              handshake_deadline=now + self.config.handshake_timeout,
+                              local_token=self._new_token())
             self._conns[target.address] = conn
             self._conn_event(conn, "new", f"dialling {target.source.value} target")
-            self._send(target.address, self._hello())
+            self._send(target.address, self._hello(conn))
 
     def _looks_full(self, name: PeerName | None) -> bool:
         """Whether a peer's gossiped entry already lists as many connections as our own limit allows.
@@ -740,7 +885,9 @@ class MeshPeer:
         self._after_topology_change(now)
 
     def _merge(self, entries: tuple[PeerEntry, ...], now: float, source: PeerName) -> None:
-        result = self.topology.merge(entries)
+        result = self.topology.merge(entries, self._clock_ms(now))
+        if result.implausible:
+            self.counters["dropped_version-jump"] += result.implausible
         if result.own_conflict is not None and self._bump_past(result.own_conflict, now):
             own = self.topology.own
             self._replace_own(result.own_conflict.version + 1, own.short_id, own.connections, now)
@@ -749,11 +896,21 @@ class MeshPeer:
                 self._gossip_source[entry.name] = source
             self._queue_gossip([e.name for e in result.improved], now)
             self._after_topology_change(now, result.improved)
+        limit = len(self.topology.entries) + MAX_UNREACHABLE
+        if len(self._pending_gossip) > limit or len(self._changed_since_settle) > limit:
+            # Names of entries collected meanwhile (a flood of invented ones): keep what still exists.
+            known = self.topology.entries.keys()
+            self._pending_gossip &= known
+            self._changed_since_settle &= known
+            self._gossip_source = {n: s for n, s in self._gossip_source.items() if n in known}
 
     def _bump_past(self, conflict: PeerEntry, now: float) -> bool:
         """Whether to bump our version past an entry that claims our name. A stale incarnation of us (we
         restarted) is overtaken once or twice; an incarnation that keeps coming back is a live clone:
-        report the collision and stop the version war."""
+        report the collision and stop the version war. Our own UID is never another incarnation: an
+        entry with it that is not ours is forged, and is overtaken every time."""
+        if conflict.uid == self.identity.uid:
+            return True
         times = [t for t in self._own_conflicts.get(conflict.uid, []) if now - t < 60.0]
         times.append(now)
         self._own_conflicts[conflict.uid] = times
@@ -768,8 +925,7 @@ class MeshPeer:
         if self._settle_due is None:
             self._settle_due = now + self.config.settle_delay
         if changed:
-            self._learn_targets(changed, now)
-        self._settle_short_id(changed or [], now)
+            self._changed_since_settle.update(e.name for e in changed)
 
     def _settle(self, now: float) -> None:
         """Recompute reachability once per burst of changes: log joins/leaves/restarts, collect garbage."""
@@ -793,19 +949,30 @@ class MeshPeer:
         self._said_goodbye -= self._reachable.keys() - reachable.keys()
         self._reachable = reachable
         self.topology.collect_garbage()
+        self._measure_budget_cap()
         self._prune_learnt_targets()
+        changed, self._changed_since_settle = self._changed_since_settle, set()
+        self._learn_targets([entries[n] for n in sorted(changed) if n in reachable], now)
+        self._settle_short_id(now)
 
     def _learn_targets(self, changed: list[PeerEntry], now: float) -> None:
-        """Discovery: the addresses other peers use for their connections become dial targets."""
+        """Discovery: the addresses reachable peers use for their connections become dial targets.
+        Only reachable ones (an invented entry must not send us dialling where the forger likes), and
+        at most :data:`MAX_LEARNT_TARGETS` of them."""
         connected = self._connected_names()
+        learnt = sum(t.source is TargetSource.LEARNT for t in self._targets.values())
         for entry in changed:
             if entry.name == self.identity.name:
                 continue
             for c in entry.connections:
                 if c.remote == self.identity.name or c.remote in connected or c.address in self._targets:
                     continue
+                if learnt >= MAX_LEARNT_TARGETS:
+                    self._drop("too-many-targets")
+                    return
                 self._targets[c.address] = Target(c.address, TargetSource.LEARNT, next_attempt=now,
                                                   known_name=c.remote)
+                learnt += 1
 
     def _prune_learnt_targets(self) -> None:
         """Forget learnt addresses that no peer mentions any more (their peer is gone)."""
@@ -814,12 +981,14 @@ class MeshPeer:
             if target.source is TargetSource.LEARNT and address not in mentioned and address not in self._conns:
                 del self._targets[address]
 
-    def _settle_short_id(self, changed: list[PeerEntry], now: float) -> None:
-        """Short ids must be unique among peers: on a clash the lower name keeps its id."""
+    def _settle_short_id(self, now: float) -> None:
+        """Short ids must be unique among peers: on a clash the lower name keeps its id. Only peers we
+        reach count (as for the data path, :meth:`Topology.short_ids`): invented entries cannot squat."""
         own = self.topology.own
-        if not any(e.short_id == own.short_id and e.name < own.name for e in changed):
+        short_ids = self.topology.short_ids()
+        if not any(sid == own.short_id and name < own.name for name, sid in short_ids.items()):
             return
-        taken = {e.short_id for e in self.topology.entries.values()}
+        taken = set(short_ids.values())
         free = [i for i in range(SHORT_ID_SPACE) if i not in taken]
         if free:
             self._replace_own(own.version + 1, ShortID(self._rng.choice(free)), own.connections, now)
@@ -846,26 +1015,39 @@ class MeshPeer:
             news = [e for e in entries if sources.get(e.name) != conn.remote.name]
             self._send_entries(conn.address, news)
 
-    def _send_entries(self, address: Endpoint, entries: list[PeerEntry]) -> None:
-        for part in gossip.chunk(entries, self._sizes.size):
-            self._send(address, GossipUpdate(tuple(part)))
+    def _send_all(self, address: Endpoint, bodies: list[Body], answer_at: float | None) -> bool:
+        """Send ``bodies``; as an answer (``answer_at`` is now) only while the address has credit.
+        False if the credit ran out first."""
+        for body in bodies:
+            if answer_at is None:
+                self._send(address, body)
+            elif not self._answer(address, body, answer_at):
+                return False
+        return True
+
+    def _send_entries(self, address: Endpoint, entries: list[PeerEntry], answer_at: float | None = None) -> None:
+        parts = gossip.chunk(entries, self._sizes.size)
+        self._send_all(address, [GossipUpdate(tuple(part)) for part in parts], answer_at)
 
     def _send_summary(self, conn: Connection) -> None:
         self._send(conn.address, GossipSummary(self.topology.digest_hash(), len(self.topology.entries)))
 
-    def _send_digest(self, address: Endpoint) -> None:
+    def _send_digest(self, address: Endpoint, answer_at: float) -> bool:
         items = [DigestItem(e.name, e.version, e.uid) for e in self.topology.entries.values()]
-        for part in gossip.chunk(items, lambda _: gossip.DIGEST_ITEM_SIZE):
-            self._send(address, GossipDigest(tuple(part)))
+        parts = gossip.chunk(items, lambda _: gossip.DIGEST_ITEM_SIZE)
+        return self._send_all(address, [GossipDigest(tuple(part)) for part in parts], answer_at)
 
-    def _send_request(self, address: Endpoint, want: list[DigestItem]) -> None:
-        for part in gossip.chunk([i.name for i in want], lambda _: gossip.REQUEST_ITEM_SIZE):
-            self._send(address, GossipRequest(tuple(part)))
+    def _send_request(self, address: Endpoint, want: list[DigestItem], answer_at: float) -> None:
+        parts = gossip.chunk([i.name for i in want], lambda _: gossip.REQUEST_ITEM_SIZE)
+        self._send_all(address, [GossipRequest(tuple(part)) for part in parts], answer_at)
 
     # --- relay ------------------------------------------------------------------------------------
 
-    def _on_relay(self, relay: Relay) -> None:
+    def _on_relay(self, relay: Relay, now: float) -> None:
         if relay.dst is None:
+            if not self._broadcasts.first_time(relay.src, relay.channel, relay.payload, now):
+                self._drop("duplicate-broadcast")  # a replay, or a loop while views disagree
+                return
             if relay.src != self.identity.name:
                 self._events.append(RelayDelivered(relay.src, relay.channel, relay.payload))
                 if relay.ttl > 1:  # views that disagree for a moment could otherwise make a cycle

@@ -16,7 +16,17 @@ Entries of peers that are no longer reachable over established, symmetric connec
 (garbage collection), unless one of our own connections still names them; they come back through
 anti-entropy once they are reachable again. The mesh runs the collection a moment after a change
 rather than inside :meth:`merge`: an entry and the entry that makes it reachable may arrive in two
-different datagrams, and collecting in between would throw the first away.
+different datagrams, and collecting in between would throw the first away. Unreachable entries are
+bounded all the same (:data:`MAX_UNREACHABLE`): past it, a merge collects at once.
+
+Hardening (UDP sources are forgeable, and any member may gossip anything):
+
+* **Version jumps.** An entry may not jump far above the version we hold for its name
+  (:data:`MAX_VERSION_JUMP`), and none may exceed the ceiling the mesh passes in (our wall clock in ms
+  plus :data:`CLOCK_ALLOWANCE_MS`): versions start at wall-clock ms, so a real restart lands under it, while
+  a forged 2**62 that would leave its owner no room to ever win again is dropped and counted.
+* **Short ids** (:meth:`Topology.short_ids`) count only us and the peers we reach: forged entries of
+  invented peers cannot make real ones collide.
 """
 
 from __future__ import annotations
@@ -34,6 +44,18 @@ MAX_VERSION = 1 << 62
 """Versions start at wall-clock milliseconds (about 2**41) and grow by one per change; anything near 2**64
 is forged or broken and would leave its owner no room to overtake it."""
 
+MAX_VERSION_JUMP = 1 << 24
+"""How far above the version we hold for a name an entry may go without also being under the clock ceiling:
+far more changes than a peer makes between two gossip rounds, and 2**38 forged pushes short of 2**62."""
+
+CLOCK_ALLOWANCE_MS = 366 * 86_400_000
+"""How far ahead of our clock (in ms) a version may be: a peer whose clock runs a year ahead of ours is
+refused (counted as ``version-jump``); one running behind is not (its version is simply lower)."""
+
+MAX_UNREACHABLE = 1024
+"""Most entries held that are not reachable from us (they are waiting for the entry that links them in);
+past it, a merge collects garbage at once. Honest meshes hold none of them for more than a moment."""
+
 
 @dataclass
 class MergeResult:
@@ -42,7 +64,7 @@ class MergeResult:
     own_conflict: PeerEntry | None = None
     """An entry with our name that would supersede ours (another incarnation, or a forged copy)."""
     implausible: int = 0
-    """Entries dropped for a version above :data:`MAX_VERSION`."""
+    """Entries dropped for a version jump (see :meth:`Topology.version_limit`)."""
 
 
 class Topology:
@@ -68,12 +90,23 @@ class Topology:
         self.entries[self.own_name] = entry
         self.generation += 1
 
-    def merge(self, incoming: Iterable[PeerEntry]) -> MergeResult:
-        """Join remote entries into ours; return the delta. Pure CRDT join plus garbage collection."""
+    def version_limit(self, name: PeerName, clock_ms: int | None) -> int:
+        """The highest version we accept for ``name``: a bounded jump above what we hold, or anything under
+        our clock plus :data:`CLOCK_ALLOWANCE_MS` (where a restarted peer's wall-clock version lands)."""
+        held = self.entries.get(name)
+        limit = held.version + MAX_VERSION_JUMP if held is not None else MAX_VERSION_JUMP
+        if clock_ms is not None:
+            limit = max(limit, clock_ms + CLOCK_ALLOWANCE_MS)
+        return min(limit, MAX_VERSION)
+
+    def merge(self, incoming: Iterable[PeerEntry], clock_ms: int | None = None) -> MergeResult:
+        """Join remote entries into ours; return the delta. A CRDT join over plausible entries: one whose
+        version is above :meth:`version_limit` is dropped and counted. ``clock_ms``: our wall clock in ms
+        (the scale versions start at); None allows only bounded jumps above what we hold."""
         result = MergeResult()
         for entry in incoming:
-            if entry.version > MAX_VERSION:
-                result.implausible += 1  # would leave no room to ever out-version it
+            if entry.version > self.version_limit(entry.name, clock_ms):
+                result.implausible += 1  # would leave its owner no room to ever out-version it
                 continue
             if entry.name == self.own_name:
                 # Anything claiming our name that would win the join (another incarnation, or a forged
@@ -87,7 +120,18 @@ class Topology:
                 result.improved.append(entry)
         if result.improved:
             self.generation += 1
+            # Cheap test first (routes as last computed), so honest merges never pay for a route search.
+            if len(self.entries) > len(self._next_hops) + 1 + MAX_UNREACHABLE \
+                    and len(self.entries) > len(self.next_hops()) + 1 + MAX_UNREACHABLE:
+                removed = self.collect_garbage()
+                result.improved = [e for e in result.improved if e.name not in removed]
         return result
+
+    def short_ids(self) -> dict[PeerName, int]:
+        """Short id of us and of every peer we reach: what the data path maps. Unreachable entries do not
+        count, so entries of invented peers (which nobody real links to) cannot squat the ids."""
+        hops = self.next_hops()
+        return {name: int(e.short_id) for name, e in self.entries.items() if name in hops or name == self.own_name}
 
     def collect_garbage(self) -> set[PeerName]:
         """Drop entries unreachable from us and not named by one of our own connections."""

@@ -10,6 +10,11 @@ Every control datagram on UDP 6783 is one msgpack array::
 the protocol: the enum is append-only (never renumber, never reuse). ``HELLO`` and ``REJECT`` keep
 their shape in every protocol version, so a peer can always tell another why it will not talk.
 
+Fields appended later are optional and sent only to peers that showed they read them: the connection
+tokens (a random number each end picks per connection, sent in HELLO and HELLO_ACK, and echoed in
+HELLO_ACK, HEARTBEAT and GOODBYE) travel only once the other end sent one, so an older peer never sees a
+shape it would refuse. Decoders ignore fields they do not know.
+
 :func:`decode` raises :class:`DecodeError` and nothing else, whatever the bytes: a malformed datagram
 must cost the receiver one counter increment, never a crash. Sizes are bounded before and during
 unpacking (msgpack's own limits), so a small datagram cannot make us allocate a large one.
@@ -95,6 +100,8 @@ class Hello:
     reachable: int | None
     """How many peers the sender reaches now; 0 marks an isolated peer that a full peer still takes.
     None when the sender did not say (a HELLO of an older shape)."""
+    token: int | None = None
+    """The dialler's random connection token (sent only with ``reachable``); None from an older peer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,10 @@ class HelloAck:
     nickname: str
     short_id: ShortID
     overlays: tuple[str, ...]
+    token: int | None = None
+    """The acceptor's random connection token; sent only when the HELLO carried one."""
+    echo: int | None = None
+    """The HELLO's token, echoed: proves the acceptor saw our HELLO (a blind forger cannot)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +130,16 @@ class Reject:
 class Heartbeat:
     """Keeps an established connection alive; also confirms a pending inbound handshake."""
 
+    token: int | None = None
+    """The receiver's connection token, echoed (None to a peer that sent none)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Goodbye:
     """The sender is leaving on purpose: drop the connection now instead of waiting for a timeout."""
+
+    token: int | None = None
+    """The receiver's connection token, echoed: a forger who never saw the handshake cannot cut a link."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,13 +255,15 @@ def _body_raw(body: Body) -> list[Any]:
     match body:
         case Hello():
             return [body.version_min, body.version_max, body.nickname, body.short_id, list(body.overlays),
-                    *([] if body.reachable is None else [body.reachable])]
+                    *([] if body.reachable is None else [body.reachable]),
+                    *([] if body.reachable is None or body.token is None else [body.token])]
         case HelloAck():
-            return [body.version, body.nickname, body.short_id, list(body.overlays)]
+            return [body.version, body.nickname, body.short_id, list(body.overlays),
+                    *([] if body.token is None else [body.token, body.echo or 0])]
         case Reject():
             return [body.code, body.reason]
         case Heartbeat() | Goodbye():
-            return []
+            return [] if body.token is None else [body.token]
         case GossipUpdate():
             return [_entry_raw(e) for e in body.entries]
         case GossipSummary():
@@ -333,6 +352,11 @@ def _overlays(raw: Any) -> tuple[str, ...]:
     return tuple(_str(o, MAX_CHANNEL, "overlay") for o in _list(raw, "overlays", MAX_OVERLAYS))
 
 
+def _optional_token(raw: Any, what: str) -> int | None:
+    f = _list(raw, what, MAX_ITEMS)
+    return _int(f[0], 0, UID_MAX, "token") if f else None
+
+
 def _body(msg_type: MsgType, raw: Any) -> Body:
     match msg_type:
         case MsgType.HELLO:
@@ -341,22 +365,24 @@ def _body(msg_type: MsgType, raw: Any) -> Body:
             f = _list(raw, "hello", MAX_ITEMS)
             _need(len(f) >= 5, "bad-field", "hello arity")
             reachable = _int(f[5], 0, 1 << 32, "reachable") if len(f) > 5 else None
+            # Lenient: a HELLO of another version may carry something else there; it is then not a token.
+            token = f[6] if len(f) > 6 and type(f[6]) is int and 0 <= f[6] <= UID_MAX else None
             return Hello(_int(f[0], 0, 255, "version_min"), _int(f[1], 0, 255, "version_max"),
                          _str(f[2], MAX_NICKNAME, "nickname"), ShortID(_int(f[3], 0, 4095, "short_id")),
-                         _overlays(f[4]), reachable)
+                         _overlays(f[4]), reachable, token)
         case MsgType.HELLO_ACK:
-            f = _list(raw, "hello_ack", MAX_ITEMS, 4)
+            f = _list(raw, "hello_ack", MAX_ITEMS)
+            _need(len(f) >= 4, "bad-field", "hello_ack arity")
+            tokens = (_int(f[4], 0, UID_MAX, "token"), _int(f[5], 0, UID_MAX, "echo")) if len(f) > 5 else (None, None)
             return HelloAck(_int(f[0], 0, 255, "version"), _str(f[1], MAX_NICKNAME, "nickname"),
-                            ShortID(_int(f[2], 0, 4095, "short_id")), _overlays(f[3]))
+                            ShortID(_int(f[2], 0, 4095, "short_id")), _overlays(f[3]), *tokens)
         case MsgType.REJECT:
             f = _list(raw, "reject", MAX_ITEMS, 2)
             return Reject(_str(f[0], MAX_CHANNEL, "code"), _str(f[1], MAX_REASON, "reason"))
         case MsgType.HEARTBEAT:
-            _list(raw, "heartbeat", MAX_ITEMS, 0)
-            return Heartbeat()
+            return Heartbeat(_optional_token(raw, "heartbeat"))
         case MsgType.GOODBYE:
-            _list(raw, "goodbye", MAX_ITEMS, 0)
-            return Goodbye()
+            return Goodbye(_optional_token(raw, "goodbye"))
         case MsgType.GOSSIP_UPDATE:
             return GossipUpdate(tuple(_entry(e) for e in _list(raw, "update", MAX_ITEMS)))
         case MsgType.GOSSIP_SUMMARY:
