@@ -45,7 +45,7 @@ import ipaddress
 import re
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,20 @@ MAX_NAMES = 4_096
 MAX_VERSION = (1 << 63) - 1
 MAX_ENCODED = 4 << 20
 """Bound on an encoded ring in bytes (65,536 tokens fit in well under 2 MiB)."""
+MAX_RING_BYTES = 60_000
+"""Bound on an encoded ring that we hold, accept or produce: it must fit one IPAM message (the mesh carries
+at most 65,000 bytes in one control datagram). A ring of honest peers stays far below it: about 28 bytes
+per token, a few tokens per peer (``tests/unit/test_ipam_ring.py`` measures 64 peers after donations).
+Without it a member could split its own range into thousands of tokens and make every ring too large
+to send."""
+MAX_TOKENS_PER_OWNER = 512
+"""Bound on the tokens one owner holds in a ring we accept: one member cannot spend the whole
+:data:`MAX_RING_BYTES` alone."""
+MAX_VERSION_STEP = 1 << 32
+"""How far a remote token's version may run ahead of ours (or, for a token new to us, above 1) in one
+merge. Honest peers bump by one per edit (heirs by :data:`INHERIT_VERSION_JUMP`); a jump of 2**32 is a
+forgery meant to outvote the owner's next edits for ever, or to push the version to its ceiling so that
+the next owner cannot edit the token any more."""
 INHERIT_VERSION_JUMP = 1 << 20
 """How far an heir bumps a dead peer's token when taking it over. The dead peer may have bumped its
 free counts a few more times in messages still in flight; jumping past them makes those stale reports
@@ -412,6 +426,18 @@ def seeded_state(address_range: AddressRange, names: Sequence[PeerName]) -> Ring
     return state
 
 
+def check_size(state: RingState) -> None:
+    """Raise :class:`RingError` (``too-large``) when ``state`` breaks :data:`MAX_TOKENS_PER_OWNER` or
+    :data:`MAX_RING_BYTES`: such a ring is refused whole, and a local change that would make one is
+    refused (a donation is then denied)."""
+    per_owner = Counter(t.owner for t in state.tokens)
+    if per_owner:
+        owner, count = per_owner.most_common(1)[0]
+        _need(count <= MAX_TOKENS_PER_OWNER, "too-large", f"{owner} holds {count} tokens")
+    size = len(ring_to_bytes(state))
+    _need(size <= MAX_RING_BYTES, "too-large", f"{size} bytes")
+
+
 def _resized(token: Token, size: int) -> Token:
     """The token after its range shrank to ``size``: free clipped, version bumped if that changed it."""
     if token.free <= size:
@@ -454,7 +480,13 @@ class Ring:
             raise ValueError("state belongs to another range")
         self.state.validate()
         self.rejected: Counter[str] = Counter()
-        """Remote states refused by :meth:`merge`, by reason (exported as a metric)."""
+        """Remote states refused by :meth:`merge` (or parts of them: a tombstone of a peer we reach), by
+        reason (exported as a metric)."""
+        self.deferred: Counter[str] = Counter()
+        """Parts of remote states :meth:`merge` did not take because the sender is not the one who may
+        change them (``not-from-owner``, ``tombstone-of-non-owner``). Honest gossip produces these all
+        the time (every ring carries what its sender heard from others), so they are not refusals: the
+        owner's own ring brings the change."""
 
     # -- queries ------------------------------------------------------------------------------------
 
@@ -552,7 +584,9 @@ class Ring:
             replace(t, free=state.token_size(i)) if t.owner == to and start <= t.start < end else t
             for i, t in enumerate(state.tokens)
         )
-        self._commit(RingState(rng, self.state.seeded_by, sized, self.state.removed))
+        result = RingState(rng, self.state.seeded_by, sized, self.state.removed)
+        check_size(result)  # others would refuse the ring whole
+        self._commit(result)
 
     def _split(self, tokens: list[Token], point: int) -> list[Token]:
         """Ensure a token at ``point``, cutting the (our) token whose range holds it."""
@@ -596,6 +630,10 @@ class Ring:
         _need(valid_peer_name(dead), "bad-name", repr(dead))
         _need(dead != self.own, "self", "a peer cannot rmpeer itself; use leave")
         if dead in self.state.removed and not (adopt_orphans and self.state.orphaned):
+            return ()
+        if dead not in self.state.owners():
+            # Nothing to remove: a tombstone of a name that owns nothing here would only grow the ring
+            # (reclaiming nodes that left, which own nothing, would otherwise fill it over the years).
             return ()
         _need(len(self.state.removed) < MAX_NAMES, "too-large", "removed set")
         tombstoned = RingState(self.range, self.state.seeded_by, self.state.tokens, self.state.removed | {dead})
@@ -641,6 +679,75 @@ class Ring:
 
     # -- remote state -------------------------------------------------------------------------------
 
+    def _admit(self, remote: RingState, src: PeerName, alive: Collection[PeerName]) -> RingState:
+        """Our state joined with the part of ``remote`` that ``src`` may change. Raises :class:`RingError`
+        (the whole state is refused) for what is never legal; skips, and counts in :attr:`deferred`, what
+        may be honest news relayed second-hand.
+
+        Why per token and against what we hold: a ring is the merge of everything its sender heard, so
+        it carries other peers' edits; we cannot tell a relayed edit from a forged one (nothing is
+        signed), so we take an edit of a token only from the peer that may make it *in our view*: its
+        owner (free counts, splits, a grant to a requester, a leave hand-over: all owner edits), or, for
+        a token of a removed peer, its heir (the heir rule, computed on our ring). Every owner
+        broadcasts its own ring after each change and every 15-45 s, so the edit reaches us from its
+        author; in the meantime nothing we believe was written by anyone but the one entitled to write
+        it. A member can then give away only what it owns: it cannot hand B's tokens to C, outvote B's
+        versions, or split B's range.
+
+        Tombstones (``rmpeer``) have no owner: any operator may remove a dead peer. We take one only for
+        a peer the mesh does not reach: a live peer's tombstone would let its heir hand out its addresses
+        while it still does (refused and counted). A tombstone of a name that owns nothing in our view is
+        still taken: the name may own space in another view, and a removed peer that comes back must hear
+        that it was removed from whoever it reaches. (Such names cost 8 bytes each, bounded by
+        :data:`MAX_NAMES` and :data:`MAX_RING_BYTES`; we do not write them ourselves, see :meth:`rmpeer`.)
+        """
+        ours = self.state
+        _need(
+            not (ours.seeded_by and remote.seeded_by and ours.seeded_by != remote.seeded_by),
+            "seeded-differently",
+            f"{len(ours.seeded_by)} vs {len(remote.seeded_by)} seed peers",
+        )
+        # Unseeded, we adopt the sender's seed list (as the trusting join does, see docs/ipam.md §7) but
+        # only its version-1 split: what anyone computes from the list. Later edits come from their owners.
+        base = ours if ours.seeded or not remote.seeded else seeded_state(self.range, remote.seeded_by)
+        removed = set(base.removed)
+        for name in sorted(remote.removed - base.removed):
+            if name in alive:
+                self.rejected["tombstone-of-reachable-peer"] += 1
+            else:
+                removed.add(name)
+        start = RingState(self.range, base.seeded_by, base.tokens, frozenset(removed))
+        heirs = start.heirs()
+        orphaned = start.orphaned
+
+        def authority(index: int) -> PeerName | None:
+            holder = start.tokens[index]
+            if holder.owner not in start.removed:
+                return holder.owner
+            # An orphaned ring (every owner removed) is adopted by one operator's rmpeer (docs/ipam.md §2).
+            return src if orphaned else heirs.get(holder.start)
+
+        merged = {t.start: t for t in start.tokens}
+        for theirs in remote.tokens:
+            mine = start.token_at(theirs.start)
+            if mine is not None and (theirs.version < mine.version or theirs == mine):
+                continue
+            if not start.seeded:
+                continue  # (cannot happen: a seeded remote made ``start`` seeded)
+            who = authority(start.index_owning(theirs.start))
+            if who != src:
+                self.deferred["not-from-owner"] += 1
+                continue
+            if mine is not None and theirs.version == mine.version:
+                raise RingError("inconsistent-entry", f"token {_ip(theirs.start)} v{mine.version}: "
+                                f"{mine.owner}/{mine.free} vs {theirs.owner}/{theirs.free}")
+            step = theirs.version - (mine.version if mine is not None else 0)
+            _need(step <= MAX_VERSION_STEP, "version-jump", f"token {_ip(theirs.start)} v{theirs.version}")
+            merged[theirs.start] = theirs
+        result = RingState(self.range, start.seeded_by, tuple(merged[s] for s in sorted(merged)), start.removed)
+        result.validate()
+        return result
+
     def check_remote(self, remote: RingState) -> None:
         """Raise :class:`RingError` if ``remote`` breaks an invariant or conflicts with what only we can
         know: our own tokens and the insides of our ranges."""
@@ -661,14 +768,20 @@ class Ring:
                     "entry-in-my-range", f"{theirs.owner} has token {_ip(theirs.start)} inside our range"
                 )
 
-    def merge(self, remote: RingState) -> MergeResult:
+    def merge(self, remote: RingState, src: PeerName | None = None,
+              alive: Collection[PeerName] = ()) -> MergeResult:
         """Join ``remote`` into our state, then take over anything we have become heir of.
+
+        ``src`` is the authenticated peer the state came from. With it, only what ``src`` may change is
+        taken (:meth:`_admit`), and tombstones of peers in ``alive`` (the peers the mesh reaches) are
+        refused. Without it (our own agreed seed ring, and tests of the CRDT) the state is joined whole.
 
         On :class:`RingError` the rejection is counted under its reason and our state is untouched.
         """
         try:
             self.check_remote(remote)
-            joined = self.state.join(remote)
+            joined = self.state.join(remote) if src is None else self._admit(remote, src, alive)
+            check_size(joined)
         except RingError as err:
             self.rejected[err.reason] += 1
             raise
