@@ -18,6 +18,7 @@ from weaved.core.ipam.allocator import (
     GRANT_INTERVAL,
     MAX_REMOTE_PEERS,
     MAX_RUNS_PER_PEER,
+    RMPEER_GRACE,
     Allocator,
     MsgKind,
 )
@@ -162,8 +163,12 @@ def test_an_heir_takes_a_dead_peers_tokens_and_others_take_that_from_the_heir_on
     c.receive(M, ring_msg(with_token(tombstone, Token(S + 64, M, 1 + INHERIT_VERSION_JUMP, 64))), 2.0)
     assert c.ring.state.owner_of(S + 64) == B
     a.receive(C, ring_msg(tombstone), 3.0)
+    assert rel(a.ring.owned_ranges()) == [(0, 64)]  # within the grace: B may be restarting
+    assert a.ring.deferred["tombstone-within-grace"] == 1
+    later = 3.0 + RMPEER_GRACE
+    a.receive(C, ring_msg(tombstone), later)  # the next anti-entropy round brings it again
     assert rel(a.ring.owned_ranges()) == [(0, 128)]
-    c.receive(A, ring_msg(a.ring.state), 4.0)
+    c.receive(A, ring_msg(a.ring.state), later)
     assert c.ring.state == a.ring.state
     assert not a.ring.rejected and not c.ring.rejected
 

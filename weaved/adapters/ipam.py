@@ -195,6 +195,10 @@ class IpamService:
         try:
             match event:
                 case RelayDelivered(src=src, channel=channel, payload=payload) if channel == CHANNEL:
+                    if src not in self._reachable:
+                        # The allocator grants space only to peers the mesh reaches: a message from a peer
+                        # that joined an instant ago must not find a stale set.
+                        self._set_reachable(reachable(), now)
                     self._receive(PeerName(src), payload, now)
                 case PeerJoined(name=name, nickname=nickname) | PeerRestarted(name=name, nickname=nickname):
                     peers = reachable()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,12 @@ GRANT_INTERVAL = 10.0
 donor's free space: without a bound, a member asking again and again would drain it in a few dozen round
 trips. An honest peer rarely asks the same donor twice so soon (a first grant is large), and when it
 does, the no sends it to another donor for :data:`SPACE_REQUEST_TIMEOUT`."""
+RMPEER_GRACE = 300.0
+"""A remote tombstone (``rmpeer``) of a peer is taken only once the mesh has not reached that peer for this
+long (or since we started). A member could otherwise remove a peer that crashed and is restarting, or sits
+behind a short partition: its heir would hand out the addresses its containers still use. An honest
+rmpeer is re-sent with every ring, so it takes effect at the latest one anti-entropy round after the grace.
+(Our own operator's rmpeer is not delayed: the API refuses it for a reachable peer.)"""
 MAX_REMOTE_PEERS = 4_096
 """Bound on the tables keyed by peer names that come from the network (runs heard, grants made): above
 it, entries of peers the mesh does not reach are forgotten (they matter only for reachable peers)."""
@@ -180,6 +187,20 @@ class _Pending:
     deadline: float
 
 
+class _Everyone:
+    """Every peer (a container that holds all names): before :data:`RMPEER_GRACE` has passed since we
+    started, no remote tombstone is taken."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self) -> Iterator[PeerName]:
+        return iter(())
+
+
 def _check_ids(container_id: str, ifname: str) -> None:
     if not container_id or len(container_id) > MAX_CONTAINER_ID or not container_id.isprintable():
         raise AllocError("bad-request", f"container id must be 1..{MAX_CONTAINER_ID} printable characters")
@@ -205,6 +226,10 @@ class Allocator:
         self._out: list[tuple[PeerName | None, bytes]] = []
         self._done: list[Completion] = []
         self._reachable: set[PeerName] = set()
+        self._seen: dict[PeerName, float] = {}
+        """When the mesh last reached each peer (:data:`RMPEER_GRACE`)."""
+        self._started: float | None = None
+        """Our first input's time: peers we never reached count as reached then."""
         self._asked: tuple[PeerName, float] | None = None
         self._denied: dict[PeerName, float] = {}
         """Donors that said no or did not answer, and until when we do not ask them again."""
@@ -400,12 +425,27 @@ class Allocator:
         restarted with nothing of its own found no reachable donor at first, and waited up to 45 s)."""
         self._schedule_gossip(now)
         joined = peers - self._reachable
+        self._note_seen(self._reachable | peers, now)
         self._reachable = set(peers)
         for peer in sorted(joined):
             self._send_ring(peer)
             self._send_paxos(peer)
         if joined and self._pending and self._asked is None and self.ring.seeded and self.departure is None:
             self._serve(now)
+
+    def _note_seen(self, peers: set[PeerName], now: float) -> None:
+        if self._started is None:
+            self._started = now
+        for peer in peers:
+            self._seen[peer] = now
+        if len(self._seen) > MAX_REMOTE_PEERS:
+            self._seen = {p: t for p, t in self._seen.items() if now - t < RMPEER_GRACE}
+
+    def _recently_alive(self, now: float) -> set[PeerName] | _Everyone:
+        """Peers whose tombstone we refuse now (see :data:`RMPEER_GRACE`)."""
+        if self._started is None or now - self._started < RMPEER_GRACE:
+            return _Everyone()
+        return self._reachable | {p for p, t in self._seen.items() if now - t < RMPEER_GRACE}
 
     @property
     def leavers(self) -> set[PeerName]:
@@ -424,6 +464,8 @@ class Allocator:
     def receive(self, src: PeerName, payload: bytes, now: float) -> None:
         """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
         self._schedule_gossip(now)
+        if self._started is None:
+            self._started = now
         try:
             kind, body, incarnation = self._decode(payload)
             if kind in (MsgKind.RING, MsgKind.LEFT_RING, MsgKind.SPACE_DENIED):
@@ -601,7 +643,7 @@ class Allocator:
         """Merge a ring from ``src`` (the authenticated sender: it may change only what it owns, see
         :meth:`Ring.merge`), or our own agreed seed ring (``src`` None)."""
         owned_before = self.ring.state.owned_count(self.own)
-        result = self.ring.merge(remote, src, self._reachable)
+        result = self.ring.merge(remote, src, self._reachable, self._recently_alive(now))
         gained = (src is not None and answer and result.ours_changed
                   and self.ring.state.owned_count(self.own) > owned_before)
         if remote.seeded and self.seeder.state is not SeedState.READY:

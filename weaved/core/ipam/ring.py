@@ -679,7 +679,8 @@ class Ring:
 
     # -- remote state -------------------------------------------------------------------------------
 
-    def _admit(self, remote: RingState, src: PeerName, alive: Collection[PeerName]) -> RingState:
+    def _admit(self, remote: RingState, src: PeerName, alive: Collection[PeerName],
+               recent: Collection[PeerName] = ()) -> RingState:
         """Our state joined with the part of ``remote`` that ``src`` may change. Raises :class:`RingError`
         (the whole state is refused) for what is never legal; skips, and counts in :attr:`deferred`, what
         may be honest news relayed second-hand.
@@ -695,11 +696,14 @@ class Ring:
         versions, or split B's range.
 
         Tombstones (``rmpeer``) have no owner: any operator may remove a dead peer. We take one only for
-        a peer the mesh does not reach: a live peer's tombstone would let its heir hand out its addresses
-        while it still does (refused and counted). A tombstone of a name that owns nothing in our view is
-        still taken: the name may own space in another view, and a removed peer that comes back must hear
-        that it was removed from whoever it reaches. (Such names cost 8 bytes each, bounded by
-        :data:`MAX_NAMES` and :data:`MAX_RING_BYTES`; we do not write them ourselves, see :meth:`rmpeer`.)
+        a peer neither in ``alive`` (the peers the mesh reaches: refused and counted) nor in ``recent``
+        (reached within the allocator's :data:`~weaved.core.ipam.allocator.RMPEER_GRACE`: a peer that crashed
+        and restarts, a short partition; deferred, the sender's next ring brings it again). A live peer's
+        tombstone would let its heir hand out its addresses while it still does. A tombstone of a name that
+        owns nothing in our view is still taken: the name may own space in another view, and a removed
+        peer that comes back must hear that it was removed from whoever it reaches. (Such names cost 8
+        bytes each, bounded by :data:`MAX_NAMES` and :data:`MAX_RING_BYTES`; we do not write them
+        ourselves, see :meth:`rmpeer`.)
         """
         ours = self.state
         _need(
@@ -714,6 +718,8 @@ class Ring:
         for name in sorted(remote.removed - base.removed):
             if name in alive:
                 self.rejected["tombstone-of-reachable-peer"] += 1
+            elif name in recent:
+                self.deferred["tombstone-within-grace"] += 1
             else:
                 removed.add(name)
         start = RingState(self.range, base.seeded_by, base.tokens, frozenset(removed))
@@ -724,8 +730,13 @@ class Ring:
             holder = start.tokens[index]
             if holder.owner not in start.removed:
                 return holder.owner
-            # An orphaned ring (every owner removed) is adopted by one operator's rmpeer (docs/ipam.md §2).
+            # An orphaned ring (every owner removed) is adopted by one operator's rmpeer (docs/ipam.md §2): taken
+            # from the adopter only in that form (the token to itself, version jumped).
             return src if orphaned else heirs.get(holder.start)
+
+        def adoption(theirs: Token, mine: Token | None) -> bool:
+            return (theirs.owner == src and src not in start.removed and mine is not None
+                    and theirs.version >= mine.version + INHERIT_VERSION_JUMP)
 
         merged = {t.start: t for t in start.tokens}
         for theirs in remote.tokens:
@@ -735,7 +746,7 @@ class Ring:
             if not start.seeded:
                 continue  # (cannot happen: a seeded remote made ``start`` seeded)
             who = authority(start.index_owning(theirs.start))
-            if who != src:
+            if who != src or (orphaned and not adoption(theirs, mine)):
                 self.deferred["not-from-owner"] += 1
                 continue
             if mine is not None and theirs.version == mine.version:
@@ -769,18 +780,19 @@ class Ring:
                 )
 
     def merge(self, remote: RingState, src: PeerName | None = None,
-              alive: Collection[PeerName] = ()) -> MergeResult:
+              alive: Collection[PeerName] = (), recent: Collection[PeerName] = ()) -> MergeResult:
         """Join ``remote`` into our state, then take over anything we have become heir of.
 
         ``src`` is the authenticated peer the state came from. With it, only what ``src`` may change is
-        taken (:meth:`_admit`), and tombstones of peers in ``alive`` (the peers the mesh reaches) are
-        refused. Without it (our own agreed seed ring, and tests of the CRDT) the state is joined whole.
+        taken (:meth:`_admit`), and tombstones of peers in ``alive`` (the peers the mesh reaches, or
+        reached recently) are refused. Without it (our own agreed seed ring, and tests of the CRDT) the
+        state is joined whole.
 
         On :class:`RingError` the rejection is counted under its reason and our state is untouched.
         """
         try:
             self.check_remote(remote)
-            joined = self.state.join(remote) if src is None else self._admit(remote, src, alive)
+            joined = self.state.join(remote) if src is None else self._admit(remote, src, alive, recent)
             check_size(joined)
         except RingError as err:
             self.rejected[err.reason] += 1
