@@ -34,6 +34,12 @@ Messages (msgpack ``[kind, body, incarnation]``; kinds are append-only; the inca
 run of the sender): ``RING`` (the whole ring state, to one peer or to all), ``PAXOS`` (seeding votes),
 ``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring), ``LEFT_RING`` (a ring from a run that left:
 never pick it as heir).
+
+**Whom we trust.** The sender of a message is the mesh's authenticated relay source (``src`` of
+:meth:`Allocator.receive`), never a name in the body: a ring's edits are taken only from their author
+(:meth:`Ring.merge`), votes only from their voter, tombstones only of peers the mesh has not reached for
+:data:`RMPEER_GRACE`, and space goes only to ``src`` when the mesh reaches it, once per
+:data:`GRANT_INTERVAL`. What a member can still do is in docs/ipam.md §9.
 """
 
 from __future__ import annotations

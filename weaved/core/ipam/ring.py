@@ -33,7 +33,9 @@ Local versus remote
 Local mutators check their preconditions (raising :class:`RingError`, the caller asked for something
 illegal) and then *assert* the invariants: a violation there is our bug. Remote state is never
 trusted: :meth:`Ring.merge` validates it and raises :class:`RingError` with a stable ``reason``,
-counts the rejection, and leaves our state untouched.
+counts the rejection, and leaves our state untouched. Given the authenticated sender (``src``), it takes
+only the edits that sender may make in our view (:meth:`Ring._admit`): a member can give away what it
+owns, nothing else (docs/ipam.md §9). Rings are bounded in bytes and tokens per owner (:func:`check_size`).
 
 Nothing here does I/O, reads a clock or draws global randomness; :meth:`Ring.pick_donor` takes an
 injected generator.
