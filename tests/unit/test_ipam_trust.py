@@ -1,8 +1,10 @@
-"""What a member may still do to IPAM, and what it no longer can (issue 13, docs/ipam.md §9).
+"""What a member can no longer do to IPAM, and what honest clusters keep (issue 13, docs/ipam.md §9).
 
-The mesh authenticates the relay's source (``src``); IPAM trusts nothing else. Each test sends what a
-malicious member ``M`` could send, through :meth:`Allocator.receive` as the daemon does, and checks that
-honest peers keep one owner per address. Every test here failed on the code before this change.
+The mesh authenticates the relay's source (``src``). Each test sends what a malicious member ``M`` could
+send, through :meth:`Allocator.receive` as the daemon does, and checks that it is refused. What a member can
+still do (forge ring edits of tokens it does not own, tombstones: nothing is signed) is not tested as refused:
+rings are joined whole, whoever relayed them, because gossip relies on second-hand news
+(``test_a_relayed_donation_is_taken_so_rmpeer_of_the_dead_donor_makes_no_second_owner``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from weaved.core.ipam.allocator import (
     GRANT_INTERVAL,
     MAX_REMOTE_PEERS,
     MAX_RUNS_PER_PEER,
-    RMPEER_GRACE,
     Allocator,
     MsgKind,
 )
 from weaved.core.ipam.ring import (
-    INHERIT_VERSION_JUMP,
     MAX_RING_BYTES,
     MAX_TOKENS_PER_OWNER,
+    MAX_VERSION_STEP,
     AddressRange,
     Ring,
     RingState,
@@ -76,23 +77,7 @@ def rel(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s - S, e - S) for s, e in ranges]
 
 
-# -- 1 and 2: a ring may change only what its sender may change ------------------------------------------
-
-
-def test_a_member_cannot_give_another_peers_tokens_to_a_third() -> None:
-    """M sends C a ring in which B's quarter belongs to C: C must not allocate B's addresses."""
-    c = allocator(C)
-    stolen = with_token(c.ring.state, Token(S + 64, C, 2, 64))
-    c.receive(M, ring_msg(stolen), 1.0)
-    assert rel(c.ring.owned_ranges()) == [(128, 192)]
-    assert c.ring.state.owner_of(S + 64) == B
-    assert c.ring.deferred["not-from-owner"] == 1
-    # B's own edit at that version still merges everywhere (the forgery did not take its version).
-    b = allocator(B)
-    b.ring.grant(S + 96, S + 128, C)
-    c.receive(B, ring_msg(b.ring.state), 2.0)
-    assert rel(c.ring.owned_ranges()) == [(96, 192)]
-    assert not c.ring.rejected
+# -- rings: relayed edits are taken; version jumps are not ------------------------------------------------
 
 
 def test_the_same_ring_from_the_owner_is_taken() -> None:
@@ -103,15 +88,42 @@ def test_the_same_ring_from_the_owner_is_taken() -> None:
     assert rel(c.ring.owned_ranges()) == [(64, 192)]
 
 
-def test_a_member_cannot_claim_another_peers_tokens_for_itself_and_pass_them_on() -> None:
-    """M claims B's quarter (as if B had granted it), then grants a piece to A: A never owns B's addresses."""
-    a = allocator(A)
-    claimed = with_token(a.ring.state, Token(S + 64, M, 2, 64))
-    a.receive(M, ring_msg(claimed), 1.0)
-    onward = with_token(with_token(claimed, Token(S + 64, A, 3, 32)), Token(S + 96, M, 1, 32))
-    a.receive(M, ring_msg(onward), 2.0)
-    assert rel(a.ring.owned_ranges()) == [(0, 64)]
-    assert a.ring.state.owner_of(S + 64) == B
+def test_a_relayed_donation_is_taken_so_rmpeer_of_the_dead_donor_makes_no_second_owner() -> None:
+    """B grants [96, 128) to M; B's broadcast is lost to A and C, who hear of it only in M's ring; B dies and
+    C runs rmpeer B. A (B's heir) must inherit only what B still owned, [64, 96): taking the edit only from
+    its author (B, now dead) left A's view behind for ever, and A inherited M's addresses too."""
+    a, c = allocator(A, {C, M}), allocator(C, {A, M})
+    b, m = allocator(B), allocator(M)
+    b.ring.grant(S + 96, S + 128, M)
+    m.receive(B, ring_msg(b.ring.state), 1.0)
+    assert rel(m.ring.owned_ranges()) == [(96, 128), (192, 256)]
+    for peer in (a, c):
+        peer.receive(M, ring_msg(m.ring.state), 2.0)
+    c.rmpeer(B, 1000.0)
+    a.receive(C, ring_msg(c.ring.state), 1000.0)
+    assert rel(a.ring.owned_ranges()) == [(0, 96)]
+    assert not set(map(tuple, a.ring.owned_ranges())) & set(map(tuple, m.ring.owned_ranges()))
+    c.receive(A, ring_msg(a.ring.state), 1001.0)
+    m.receive(A, ring_msg(a.ring.state), 1001.0)
+    assert a.ring.state == c.ring.state == m.ring.state
+    assert not a.ring.rejected and not c.ring.rejected and not m.ring.rejected
+
+
+def test_a_tombstone_is_taken_from_any_relay_even_of_a_peer_we_reach() -> None:
+    """B was removed (C's rmpeer) and runs again under its name, reaching A only. A takes the tombstone
+    from C and so refuses B's request for space. Refusing a tombstone of a reachable peer left A's view
+    apart from everyone else's for as long as B ran, and A granted space to B, a removed peer: in every
+    other view that space belongs to B's heir, who hands it out too."""
+    a, c = allocator(A, {B, C, M}), allocator(C, {A, M})
+    c.rmpeer(B, 1000.0)
+    a.receive(C, ring_msg(c.ring.state), 1000.0)
+    assert B in a.ring.state.removed
+    assert rel(a.ring.owned_ranges()) == [(0, 128)]  # A is B's heir
+    a.receive(B, payload(MsgKind.SPACE_REQUEST, None, incarnation=8), 1001.0)
+    assert rel(a.ring.owned_ranges()) == [(0, 128)]
+    assert a.rejected["request-from-removed-peer"] == 1
+    c.receive(A, ring_msg(a.ring.state), 1002.0)
+    assert c.ring.state == a.ring.state
 
 
 def test_a_forged_version_jump_cannot_outvote_the_owner() -> None:
@@ -132,45 +144,6 @@ def test_an_owner_cannot_jump_its_own_versions_to_the_ceiling() -> None:
     a.receive(M, ring_msg(with_token(before, Token(S + 192, A, (1 << 63) - 1, 64))), 1.0)
     assert a.ring.state == before
     assert a.ring.rejected["version-jump"] == 1
-
-
-def test_a_member_cannot_split_another_peers_range() -> None:
-    a = allocator(A)
-    before = a.ring.state
-    split = with_token(with_token(before, Token(S + 64, B, 2, 36)), Token(S + 100, M, 1, 28))
-    a.receive(M, ring_msg(split), 1.0)
-    assert a.ring.state == before
-    assert a.ring.deferred["not-from-owner"] == 2
-
-
-def test_a_member_cannot_tombstone_a_peer_that_is_alive() -> None:
-    """A tombstone makes the heir (here A, left of B) hand out B's addresses while B still does."""
-    a = allocator(A)
-    tombstoned = RingState(RANGE, a.ring.state.seeded_by, a.ring.state.tokens, frozenset({B}))
-    a.receive(M, ring_msg(tombstoned), 1.0)
-    assert B not in a.ring.state.removed
-    assert rel(a.ring.owned_ranges()) == [(0, 64)]
-    assert a.ring.rejected["tombstone-of-reachable-peer"] == 1
-
-
-def test_an_heir_takes_a_dead_peers_tokens_and_others_take_that_from_the_heir_only() -> None:
-    """The honest path the rules keep: B dies, C runs rmpeer, A (B's heir) inherits; M cannot take it."""
-    a, c = allocator(A, {C, M}), allocator(C, {A, M})
-    c.rmpeer(B, 1.0)
-    tombstone = c.ring.state
-    assert B in tombstone.removed and tombstone.owner_of(S + 64) == B  # C is not the heir
-    # M races the heir with a claim of its own: refused by C (M is not B's heir).
-    c.receive(M, ring_msg(with_token(tombstone, Token(S + 64, M, 1 + INHERIT_VERSION_JUMP, 64))), 2.0)
-    assert c.ring.state.owner_of(S + 64) == B
-    a.receive(C, ring_msg(tombstone), 3.0)
-    assert rel(a.ring.owned_ranges()) == [(0, 64)]  # within the grace: B may be restarting
-    assert a.ring.deferred["tombstone-within-grace"] == 1
-    later = 3.0 + RMPEER_GRACE
-    a.receive(C, ring_msg(tombstone), later)  # the next anti-entropy round brings it again
-    assert rel(a.ring.owned_ranges()) == [(0, 128)]
-    c.receive(A, ring_msg(a.ring.state), later)
-    assert c.ring.state == a.ring.state
-    assert not a.ring.rejected and not c.ring.rejected
 
 
 # -- 3: space requests ----------------------------------------------------------------------------------------
@@ -272,26 +245,24 @@ def test_a_member_cannot_vote_for_others_to_choose_its_own_initial_ring() -> Non
     assert a.seeder.deferred["not-from-voter"] == 2
 
 
-# -- a property: nothing M sends changes what M does not own -------------------------------------------------
+# -- a property: a version jump is refused whole --------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 255), st.sampled_from([A, B, C, M]), st.integers(1, 1 << 34),
-                          st.integers(0, 8)), min_size=1, max_size=12),
-       st.sets(st.sampled_from([A, B, C])))
-def test_no_ring_from_a_member_moves_an_address_it_does_not_own(
-    edits: list[tuple[int, PeerName, int, int]], tombstones: set[PeerName]
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 255), st.sampled_from([A, B, C, M]), st.integers(MAX_VERSION_STEP + 2, (1 << 63) - 1),
+       st.sampled_from([0, 1, 3]))  # not C's own token (refused as such)
+def test_a_ring_with_any_token_jumped_too_far_is_refused_whole(
+    offset: int, owner: PeerName, version: int, quarter_edit: int
 ) -> None:
     c = allocator(C, {A, B, M})
     before = c.ring.state
-    forged = before
-    for offset, owner, version, free in edits:
-        forged = with_token(forged, Token(S + offset, owner, version, free))
-    forged = RingState(RANGE, forged.seeded_by, forged.tokens, frozenset(tombstones))
+    forged = with_token(before, Token(S + offset, owner, version, 0))
+    # and an otherwise harmless edit next to it, which must not be taken either
+    honest = before.tokens[quarter_edit]
+    if honest.start != S + offset:
+        forged = with_token(forged, Token(honest.start, honest.owner, honest.version + 1, 1))
     if forged.problems():
         return  # an invalid ring is refused whole (covered by test_ipam_ring.py)
     c.receive(M, ring_msg(forged), 1.0)
-    after = c.ring.state
-    for address in range(S, S + 192):  # A's, B's and C's quarters
-        assert after.owner_of(address) == before.owner_of(address)
-    assert not after.removed
+    assert c.ring.state == before
+    assert c.ring.rejected["version-jump"] == 1

@@ -36,17 +36,17 @@ run of the sender): ``RING`` (the whole ring state, to one peer or to all), ``PA
 never pick it as heir).
 
 **Whom we trust.** The sender of a message is the mesh's authenticated relay source (``src`` of
-:meth:`Allocator.receive`), never a name in the body: a ring's edits are taken only from their author
-(:meth:`Ring.merge`), votes only from their voter, tombstones only of peers the mesh has not reached for
-:data:`RMPEER_GRACE`, and space goes only to ``src`` when the mesh reaches it, once per
-:data:`GRANT_INTERVAL`. What a member can still do is in docs/ipam.md §9.
+:meth:`Allocator.receive`), never a name in the body: votes are taken only from their voter, and space
+goes only to ``src`` when the mesh reaches it, once per :data:`GRANT_INTERVAL`. Rings are joined whole,
+whoever relayed them (gossip relies on second-hand news; nothing is signed), refused only when they break
+an invariant, jump a version too far or are too large (:meth:`Ring.merge`). What a member can still do
+is in docs/ipam.md §9.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
@@ -87,12 +87,6 @@ GRANT_INTERVAL = 10.0
 donor's free space: without a bound, a member asking again and again would drain it in a few dozen round
 trips. An honest peer rarely asks the same donor twice so soon (a first grant is large), and when it
 does, the no sends it to another donor for :data:`SPACE_REQUEST_TIMEOUT`."""
-RMPEER_GRACE = 300.0
-"""A remote tombstone (``rmpeer``) of a peer is taken only once the mesh has not reached that peer for this
-long (or since we started). A member could otherwise remove a peer that crashed and is restarting, or sits
-behind a short partition: its heir would hand out the addresses its containers still use. An honest
-rmpeer is re-sent with every ring, so it takes effect at the latest one anti-entropy round after the grace.
-(Our own operator's rmpeer is not delayed: the API refuses it for a reachable peer.)"""
 MAX_REMOTE_PEERS = 4_096
 """Bound on the tables keyed by peer names that come from the network (runs heard, grants made): above
 it, entries of peers the mesh does not reach are forgotten (they matter only for reachable peers)."""
@@ -182,7 +176,7 @@ class IpamStatus:
     owners: tuple[OwnerStatus, ...]
     rejected: dict[str, int]
     deferred: dict[str, int] = field(default_factory=dict)
-    """Input not acted on that honest peers may send too (second-hand ring edits, throttled requests)."""
+    """Input not acted on that honest peers may send too (throttled requests, votes relayed second-hand)."""
 
 
 @dataclass
@@ -191,20 +185,6 @@ class _Pending:
     container_id: str
     ifname: str
     deadline: float
-
-
-class _Everyone:
-    """Every peer (a container that holds all names): before :data:`RMPEER_GRACE` has passed since we
-    started, no remote tombstone is taken."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-    def __len__(self) -> int:
-        return 0
-
-    def __iter__(self) -> Iterator[PeerName]:
-        return iter(())
 
 
 def _check_ids(container_id: str, ifname: str) -> None:
@@ -232,10 +212,6 @@ class Allocator:
         self._out: list[tuple[PeerName | None, bytes]] = []
         self._done: list[Completion] = []
         self._reachable: set[PeerName] = set()
-        self._seen: dict[PeerName, float] = {}
-        """When the mesh last reached each peer (:data:`RMPEER_GRACE`)."""
-        self._started: float | None = None
-        """Our first input's time: peers we never reached count as reached then."""
         self._asked: tuple[PeerName, float] | None = None
         self._denied: dict[PeerName, float] = {}
         """Donors that said no or did not answer, and until when we do not ask them again."""
@@ -257,7 +233,8 @@ class Allocator:
         """Messages (or parts) refused, by reason: what an honest peer does not send."""
         self.deferred: Counter[str] = Counter()
         """What we did not act on although an honest peer may send it (a request throttled by
-        :data:`GRANT_INTERVAL`, votes relayed second-hand); the ring's own are in ``ring.deferred``."""
+        :data:`GRANT_INTERVAL`, a request from a peer the mesh does not reach); the seeder's are in
+        ``seeder.deferred``."""
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -431,27 +408,12 @@ class Allocator:
         restarted with nothing of its own found no reachable donor at first, and waited up to 45 s)."""
         self._schedule_gossip(now)
         joined = peers - self._reachable
-        self._note_seen(self._reachable | peers, now)
         self._reachable = set(peers)
         for peer in sorted(joined):
             self._send_ring(peer)
             self._send_paxos(peer)
         if joined and self._pending and self._asked is None and self.ring.seeded and self.departure is None:
             self._serve(now)
-
-    def _note_seen(self, peers: set[PeerName], now: float) -> None:
-        if self._started is None:
-            self._started = now
-        for peer in peers:
-            self._seen[peer] = now
-        if len(self._seen) > MAX_REMOTE_PEERS:
-            self._seen = {p: t for p, t in self._seen.items() if now - t < RMPEER_GRACE}
-
-    def _recently_alive(self, now: float) -> set[PeerName] | _Everyone:
-        """Peers whose tombstone we refuse now (see :data:`RMPEER_GRACE`)."""
-        if self._started is None or now - self._started < RMPEER_GRACE:
-            return _Everyone()
-        return self._reachable | {p for p, t in self._seen.items() if now - t < RMPEER_GRACE}
 
     @property
     def leavers(self) -> set[PeerName]:
@@ -470,14 +432,12 @@ class Allocator:
     def receive(self, src: PeerName, payload: bytes, now: float) -> None:
         """An IPAM message from ``src``. Malformed or refused input is counted and dropped."""
         self._schedule_gossip(now)
-        if self._started is None:
-            self._started = now
         try:
             kind, body, incarnation = self._decode(payload)
             if kind in (MsgKind.RING, MsgKind.LEFT_RING, MsgKind.SPACE_DENIED):
                 remote = decode_ring(body)  # a malformed ring teaches nothing, not even that its sender left
                 self._note_run(src, kind, incarnation)  # before the merge: what a leaver hands us stays here
-                self._merge_ring(remote, now, src, answer=kind is not MsgKind.SPACE_DENIED)
+                self._merge_ring(remote, now, None if kind is MsgKind.SPACE_DENIED else src)
                 if kind is MsgKind.SPACE_DENIED and self._asked is not None and self._asked[0] == src:
                     self._asked = None
                     self._denied[src] = now + SPACE_REQUEST_TIMEOUT
@@ -581,8 +541,7 @@ class Allocator:
             state=self._state_text(), range=self._range_text(), owned=owned.get(self.own, 0),
             free=self.space.free_count(), leases=len(self._leases), pending=len(self._pending), owners=owners,
             rejected={**self.rejected, **{f"ring-{k}": v for k, v in self.ring.rejected.items()}},
-            deferred={**self.deferred, **{f"ring-{k}": v for k, v in self.ring.deferred.items()},
-                      **{f"paxos-{k}": v for k, v in self.seeder.deferred.items()}},
+            deferred={**self.deferred, **{f"paxos-{k}": v for k, v in self.seeder.deferred.items()}},
         )
 
     # --- internals --------------------------------------------------------------------------------
@@ -645,13 +604,12 @@ class Allocator:
         if paxos is not None and self.seeder.state is not SeedState.READY:
             self._send(dst, MsgKind.PAXOS, encode_paxos(paxos))
 
-    def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None, *, answer: bool = True) -> None:
-        """Merge a ring from ``src`` (the authenticated sender: it may change only what it owns, see
-        :meth:`Ring.merge`), or our own agreed seed ring (``src`` None)."""
+    def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
+        """Merge a remote ring (refusals are counted by :meth:`Ring.merge`). ``src`` is the peer whose
+        ring may answer our space request (None for a no, or our own agreed seed ring)."""
         owned_before = self.ring.state.owned_count(self.own)
-        result = self.ring.merge(remote, src, self._reachable, self._recently_alive(now))
-        gained = (src is not None and answer and result.ours_changed
-                  and self.ring.state.owned_count(self.own) > owned_before)
+        result = self.ring.merge(remote)
+        gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
         if remote.seeded and self.seeder.state is not SeedState.READY:
             self.seeder.adopt(self.ring.state)
         if result.changed:

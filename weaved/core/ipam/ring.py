@@ -33,9 +33,10 @@ Local versus remote
 Local mutators check their preconditions (raising :class:`RingError`, the caller asked for something
 illegal) and then *assert* the invariants: a violation there is our bug. Remote state is never
 trusted: :meth:`Ring.merge` validates it and raises :class:`RingError` with a stable ``reason``,
-counts the rejection, and leaves our state untouched. Given the authenticated sender (``src``), it takes
-only the edits that sender may make in our view (:meth:`Ring._admit`): a member can give away what it
-owns, nothing else (docs/ipam.md §9). Rings are bounded in bytes and tokens per owner (:func:`check_size`).
+counts the rejection, and leaves our state untouched. It takes every token at its higher version, whoever
+relayed it (nothing is signed, so a relayed edit cannot be told from a forged one, and refusing relayed
+edits breaks the no-duplicate guarantee after crashes: docs/ipam.md §9). What it does refuse of a member:
+version jumps beyond :data:`MAX_VERSION_STEP` and rings over the size bounds (:func:`check_size`).
 
 Nothing here does I/O, reads a clock or draws global randomness; :meth:`Ring.pick_donor` takes an
 injected generator.
@@ -47,7 +48,7 @@ import ipaddress
 import re
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -482,13 +483,7 @@ class Ring:
             raise ValueError("state belongs to another range")
         self.state.validate()
         self.rejected: Counter[str] = Counter()
-        """Remote states refused by :meth:`merge` (or parts of them: a tombstone of a peer we reach), by
-        reason (exported as a metric)."""
-        self.deferred: Counter[str] = Counter()
-        """Parts of remote states :meth:`merge` did not take because the sender is not the one who may
-        change them (``not-from-owner``, ``tombstone-of-non-owner``). Honest gossip produces these all
-        the time (every ring carries what its sender heard from others), so they are not refusals: the
-        owner's own ring brings the change."""
+        """Remote states refused by :meth:`merge`, by reason (exported as a metric)."""
 
     # -- queries ------------------------------------------------------------------------------------
 
@@ -681,85 +676,18 @@ class Ring:
 
     # -- remote state -------------------------------------------------------------------------------
 
-    def _admit(self, remote: RingState, src: PeerName, alive: Collection[PeerName],
-               recent: Collection[PeerName] = ()) -> RingState:
-        """Our state joined with the part of ``remote`` that ``src`` may change. Raises :class:`RingError`
-        (the whole state is refused) for what is never legal; skips, and counts in :attr:`deferred`, what
-        may be honest news relayed second-hand.
+    def _check_steps(self, remote: RingState) -> None:
+        """Raise :class:`RingError` (``version-jump``, the whole state refused) if a token of ``remote``
+        runs more than :data:`MAX_VERSION_STEP` ahead of ours (of 0 for a token new to us).
 
-        Why per token and against what we hold: a ring is the merge of everything its sender heard, so
-        it carries other peers' edits; we cannot tell a relayed edit from a forged one (nothing is
-        signed), so we take an edit of a token only from the peer that may make it *in our view*: its
-        owner (free counts, splits, a grant to a requester, a leave hand-over: all owner edits), or, for
-        a token of a removed peer, its heir (the heir rule, computed on our ring). Every owner
-        broadcasts its own ring after each change and every 15-45 s, so the edit reaches us from its
-        author; in the meantime nothing we believe was written by anyone but the one entitled to write
-        it. A member can then give away only what it owns: it cannot hand B's tokens to C, outvote B's
-        versions, or split B's range.
-
-        Tombstones (``rmpeer``) have no owner: any operator may remove a dead peer. We take one only for
-        a peer neither in ``alive`` (the peers the mesh reaches: refused and counted) nor in ``recent``
-        (reached within the allocator's :data:`~weaved.core.ipam.allocator.RMPEER_GRACE`: a peer that crashed
-        and restarts, a short partition; deferred, the sender's next ring brings it again). A live peer's
-        tombstone would let its heir hand out its addresses while it still does. A tombstone of a name that
-        owns nothing in our view is still taken: the name may own space in another view, and a removed
-        peer that comes back must hear that it was removed from whoever it reaches. (Such names cost 8
-        bytes each, bounded by :data:`MAX_NAMES` and :data:`MAX_RING_BYTES`; we do not write them
-        ourselves, see :meth:`rmpeer`.)
+        The check is per token against what we hold, and honest histories never trip it: edits bump by
+        one, an inheritance by :data:`INHERIT_VERSION_JUMP`. Every ring that carries such a jump was
+        refused by every honest peer it reached first, so no honest relay spreads one.
         """
-        ours = self.state
-        _need(
-            not (ours.seeded_by and remote.seeded_by and ours.seeded_by != remote.seeded_by),
-            "seeded-differently",
-            f"{len(ours.seeded_by)} vs {len(remote.seeded_by)} seed peers",
-        )
-        # Unseeded, we adopt the sender's seed list (as the trusting join does, see docs/ipam.md §7) but
-        # only its version-1 split: what anyone computes from the list. Later edits come from their owners.
-        base = ours if ours.seeded or not remote.seeded else seeded_state(self.range, remote.seeded_by)
-        removed = set(base.removed)
-        for name in sorted(remote.removed - base.removed):
-            if name in alive:
-                self.rejected["tombstone-of-reachable-peer"] += 1
-            elif name in recent:
-                self.deferred["tombstone-within-grace"] += 1
-            else:
-                removed.add(name)
-        start = RingState(self.range, base.seeded_by, base.tokens, frozenset(removed))
-        heirs = start.heirs()
-        orphaned = start.orphaned
-
-        def authority(index: int) -> PeerName | None:
-            holder = start.tokens[index]
-            if holder.owner not in start.removed:
-                return holder.owner
-            # An orphaned ring (every owner removed) is adopted by one operator's rmpeer (docs/ipam.md §2): taken
-            # from the adopter only in that form (the token to itself, version jumped).
-            return src if orphaned else heirs.get(holder.start)
-
-        def adoption(theirs: Token, mine: Token | None) -> bool:
-            return (theirs.owner == src and src not in start.removed and mine is not None
-                    and theirs.version >= mine.version + INHERIT_VERSION_JUMP)
-
-        merged = {t.start: t for t in start.tokens}
         for theirs in remote.tokens:
-            mine = start.token_at(theirs.start)
-            if mine is not None and (theirs.version < mine.version or theirs == mine):
-                continue
-            if not start.seeded:
-                continue  # (cannot happen: a seeded remote made ``start`` seeded)
-            who = authority(start.index_owning(theirs.start))
-            if who != src or (orphaned and not adoption(theirs, mine)):
-                self.deferred["not-from-owner"] += 1
-                continue
-            if mine is not None and theirs.version == mine.version:
-                raise RingError("inconsistent-entry", f"token {_ip(theirs.start)} v{mine.version}: "
-                                f"{mine.owner}/{mine.free} vs {theirs.owner}/{theirs.free}")
+            mine = self.state.token_at(theirs.start)
             step = theirs.version - (mine.version if mine is not None else 0)
             _need(step <= MAX_VERSION_STEP, "version-jump", f"token {_ip(theirs.start)} v{theirs.version}")
-            merged[theirs.start] = theirs
-        result = RingState(self.range, start.seeded_by, tuple(merged[s] for s in sorted(merged)), start.removed)
-        result.validate()
-        return result
 
     def check_remote(self, remote: RingState) -> None:
         """Raise :class:`RingError` if ``remote`` breaks an invariant or conflicts with what only we can
@@ -781,20 +709,22 @@ class Ring:
                     "entry-in-my-range", f"{theirs.owner} has token {_ip(theirs.start)} inside our range"
                 )
 
-    def merge(self, remote: RingState, src: PeerName | None = None,
-              alive: Collection[PeerName] = (), recent: Collection[PeerName] = ()) -> MergeResult:
+    def merge(self, remote: RingState) -> MergeResult:
         """Join ``remote`` into our state, then take over anything we have become heir of.
 
-        ``src`` is the authenticated peer the state came from. With it, only what ``src`` may change is
-        taken (:meth:`_admit`), and tombstones of peers in ``alive`` (the peers the mesh reaches, or
-        reached recently) are refused. Without it (our own agreed seed ring, and tests of the CRDT) the
-        state is joined whole.
+        Every token is taken at its higher version, whoever relayed it: IPAM gossip relies on second-hand
+        propagation (a ring carries everything its sender heard), and taking an edit only from its author
+        would leave a view behind for ever when the author dies before its broadcast reached everyone,
+        which rmpeer then turns into two owners (docs/ipam.md §9). Refused whole: states that break an
+        invariant, conflict with our own tokens (:meth:`check_remote`), jump a version by more than
+        :data:`MAX_VERSION_STEP` (:meth:`_check_steps`), or whose join is too large (:func:`check_size`).
 
         On :class:`RingError` the rejection is counted under its reason and our state is untouched.
         """
         try:
             self.check_remote(remote)
-            joined = self.state.join(remote) if src is None else self._admit(remote, src, alive, recent)
+            self._check_steps(remote)
+            joined = self.state.join(remote)
             check_size(joined)
         except RingError as err:
             self.rejected[err.reason] += 1
