@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import msgpack
 import pytest
 
 import weaved
@@ -484,3 +485,32 @@ async def test_leave_is_on_disk_before_the_hand_over_is_sent_and_waits_for_the_h
     assert ipam.report().state == f"left: handed 128 addresses to {OTHER} (confirmed)"
     with pytest.raises(AllocError, match="this peer left the IPAM ring"):
         await ipam.allocate("c1", "eth0")
+
+
+async def test_tables_keyed_by_peers_from_the_network_stay_bounded(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusals are logged per (peer, reason) at most once a minute, and nicknames kept per joining peer: both
+    keyed by names from the network, both bounded (the first grew with every name, for ever)."""
+    monkeypatch.setattr(ipam_module, "MAX_LOGGED", 8, raising=False)
+    monkeypatch.setattr(ipam_module, "MAX_NICKNAME_ENTRIES", 8, raising=False)
+    ipam = service(tmp_path)
+    for i in range(50):
+        name = PeerName(f"02:00:00:00:01:{i:02x}")
+        ipam.on_event(PeerJoined(name, "x" * 500, ()), lambda: {OTHER})
+        ipam.on_event(RelayDelivered(name, "ipam", b"\xc1 not msgpack"), lambda: {OTHER})
+    assert len(ipam._logged) <= 8
+    assert len(ipam._nicknames) <= 9
+    assert all(len(nickname) <= ipam_module.MAX_NICKNAME for nickname in ipam._nicknames.values())
+    assert ipam.report().rejected["not-msgpack"] == 50
+
+
+async def test_a_space_request_from_a_peer_that_just_joined_is_served(tmp_path: Path) -> None:
+    """Space goes only to peers the mesh reaches; the set is refreshed when a message comes from a peer
+    that is not in it yet, so a new peer's first request is not refused for a stale set."""
+    ipam = service(tmp_path)
+    newcomer = PeerName("02:00:00:00:02:01")
+    before = ipam.allocator.ring.state.owned_count(ipam.allocator.own)
+    request = msgpack.packb([3, None, 1], use_bin_type=True)
+    ipam.on_event(RelayDelivered(newcomer, "ipam", request), lambda: {OTHER, newcomer})
+    assert ipam.allocator.ring.state.owned_count(newcomer) > 0
+    assert ipam.allocator.ring.state.owned_count(ipam.allocator.own) < before

@@ -51,7 +51,7 @@ from weaved.core.ipam.allocator import (
     Allocator,
     AllocError,
 )
-from weaved.core.ipam.ring import AddressRange, RingState, decode_ring
+from weaved.core.ipam.ring import AddressRange, RingState, Token, decode_ring, encode_ring
 from weaved.core.ipam.seeding import ConsensusInit, InitMode, ObserverInit, SeedInit
 from weaved.core.types import PeerName, peer_name_from_bytes
 
@@ -64,6 +64,12 @@ peer_index = st.integers(0, len(NAMES) - 1)
 STATS: Counter[str] = Counter()
 """What the runs reached (handed-out addresses, grants, inheritances, restarts...): read it when tuning the
 strategies, so the machine does not quietly degenerate into idling."""
+
+FORGER = peer_name_from_bytes(bytes([2, 0, 0, 0, 0, 99]))
+"""A member that sends what it may not (``forge``): its rings and requests reach every peer, under its own
+authenticated name. Only the forgeries IPAM refuses are sent (a version jump, a request from a name the mesh
+does not reach): forged ring edits and tombstones of others' tokens are joined like relayed news, since
+nothing is signed (docs/ipam.md §9), so a forger sending those could make two owners here by design."""
 
 UP, DOWN, DEAD, LEFT = "up", "down", "dead", "left"
 """Running; crashed (restarts from its disk, containers survive); killed for good; left gracefully."""
@@ -105,6 +111,8 @@ class IpamNet(RuleBasedStateMachine):
         self.consensus = False
         self.initial = 0
         self.failures: list[str] = []
+        self.forged: dict[PeerName, Counter[str]] = defaultdict(Counter)
+        """Per peer, what it refused of the forger's messages (the only refusals allowed)."""
 
     # -- the network ------------------------------------------------------------------------------
 
@@ -328,6 +336,44 @@ class IpamNet(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self.fire_timers()
+
+    @rule(victim=peer_index, receiver=peer_index, kind=st.sampled_from(["jump", "request"]),
+          offset=st.integers(0, RANGE.size - 1))
+    def forge(self, victim: int, receiver: int, kind: str, offset: int) -> None:
+        """The forger sends what IPAM refuses: a real peer's ring (as of that peer's view) with one token's
+        version jumped by 2**40, or a space request (the mesh does not reach it). Nothing may change."""
+        source, dest = self.pick(victim, UP), self.pick(receiver, UP)
+        if source is None or dest is None or source.alloc is None or dest.alloc is None:
+            return
+        body: bytes
+        if kind == "request":
+            body = msgpack.packb([3, None, 1], use_bin_type=True)
+        else:
+            state = source.alloc.ring.state
+            if not state.seeded:
+                return
+            tokens = list(state.tokens)
+            index = state.index_owning(RANGE.start + offset)
+            token = tokens[index]
+            tokens[index] = Token(token.start, token.owner, token.version + (1 << 40), token.free)
+            forged = RingState(RANGE, state.seeded_by, tuple(tokens), state.removed)
+            if forged.problems():
+                return
+            body = msgpack.packb([1, encode_ring(forged), 1], use_bin_type=True)
+        alloc = dest.alloc
+        before, ring_before, owned = self.refusals(alloc), alloc.ring.state, alloc.ring.owned_ranges()
+        alloc.receive(FORGER, body, self.now)
+        refused = self.refusals(alloc) - before
+        self.forged[dest.name] += refused
+        if kind == "jump":
+            assert refused and alloc.ring.state == ring_before, (dest.name, dict(refused))
+        assert alloc.ring.owned_ranges() == owned
+        STATS[f"forged-{kind}"] += 1
+        self.flush(dest)
+
+    @staticmethod
+    def refusals(alloc: Allocator) -> Counter[str]:
+        return Counter(alloc.rejected) + Counter({f"ring-{k}": v for k, v in alloc.ring.rejected.items()})
 
     # -- rules: peers come and go -------------------------------------------------------------------
 
@@ -574,10 +620,10 @@ class IpamNet(RuleBasedStateMachine):
         for node in self.up():
             assert node.alloc is not None
             # The one refusal a legal history produces: a dead peer's request still in the network when
-            # the rmpeer tombstone got here first.
-            refused = set(node.alloc.rejected) - {"request-from-removed-peer"}
-            assert not refused, (node.name, dict(node.alloc.rejected))
-            assert not node.alloc.ring.rejected, (node.name, dict(node.alloc.ring.rejected))
+            # the rmpeer tombstone got here first. What the forger sent is refused too, nothing else.
+            honest = self.refusals(node.alloc) - self.forged[node.name]
+            refused = set(honest) - {"request-from-removed-peer"}
+            assert not refused, (node.name, dict(honest))
             assert not node.alloc.seeder.rejected, (node.name, node.alloc.seeder.rejected)
 
     @invariant()

@@ -74,6 +74,10 @@ LEAVE_CONFIRM_TIMEOUT = 10.0
 allocator keeps re-sending the hand-over while the daemon runs)."""
 LOG_REPEAT = 60.0
 """A refusal of the same kind from the same peer is logged at most once per this many seconds."""
+MAX_LOGGED = 1_024
+"""Bound on the (peer, reason) pairs remembered for :data:`LOG_REPEAT` (keyed by remote input)."""
+MAX_NICKNAME_ENTRIES = 4_096
+MAX_NICKNAME = 64
 GATEWAY_ID = "weave:gateway"
 GATEWAY_IFNAME = "weave"
 DEFAULT_IFNAME = "eth0"
@@ -176,7 +180,7 @@ class IpamService:
             state=REMOVED_STATE if self.removed else status.state, range=status.range,
             default_subnet=status.range, size=self.allocator.range.size, owned=status.owned, free=status.free,
             leases=status.leases, pending=status.pending, owners=owners, rejected=dict(status.rejected),
-            counters=dict(self.counters),
+            counters=dict(self.counters), deferred=dict(status.deferred),
         )
 
     def label(self, name: str) -> str:
@@ -191,10 +195,14 @@ class IpamService:
         try:
             match event:
                 case RelayDelivered(src=src, channel=channel, payload=payload) if channel == CHANNEL:
+                    if src not in self._reachable:
+                        # The allocator grants space only to peers the mesh reaches: a message from a peer
+                        # that joined an instant ago must not find a stale set.
+                        self._set_reachable(reachable(), now)
                     self._receive(PeerName(src), payload, now)
                 case PeerJoined(name=name, nickname=nickname) | PeerRestarted(name=name, nickname=nickname):
-                    self._nicknames[name] = nickname
                     peers = reachable()
+                    self._remember_nickname(name, nickname, peers)
                     if isinstance(event, PeerRestarted):
                         # A new incarnation may have lost what it heard before: it gets our ring and votes
                         # again, as a peer that just joined would.
@@ -207,6 +215,13 @@ class IpamService:
             self.counters["internal_errors"] += 1
             self._log.exception("ipam failed on a mesh event", event=type(event).__name__)
 
+    def _remember_nickname(self, name: str, nickname: str, peers: set[PeerName]) -> None:
+        """Nicknames come from the network: keep those of owners and reachable peers when there are many."""
+        self._nicknames[name] = nickname[:MAX_NICKNAME]
+        if len(self._nicknames) > MAX_NICKNAME_ENTRIES:
+            keep = self.allocator.ring.state.owners() | peers | {self.allocator.own, name}
+            self._nicknames = {n: k for n, k in self._nicknames.items() if n in keep}
+
     def _set_reachable(self, peers: set[PeerName], now: float) -> None:
         self._reachable = set(peers)
         self.allocator.set_reachable(self._reachable, now)
@@ -218,6 +233,10 @@ class IpamService:
         for reason in after - before:
             key = (src, reason)
             if now - self._logged.get(key, -LOG_REPEAT) >= LOG_REPEAT:
+                if len(self._logged) >= MAX_LOGGED:  # keyed by remote input: keep only the recent entries
+                    self._logged = {k: t for k, t in self._logged.items() if now - t < LOG_REPEAT}
+                    if len(self._logged) >= MAX_LOGGED:
+                        continue  # that many refusing peers within a minute: the counters still count
                 self._logged[key] = now
                 self._log.warning("ipam message refused", src=self.label(src), reason=reason)
         if self.removed and not self._removed_logged:

@@ -45,6 +45,10 @@ class IpamReport:
     """Refused IPAM messages and remote states, by reason."""
     counters: dict[str, int] = field(default_factory=dict)
     """The daemon's own IPAM counts (messages too large or without a route, store errors)."""
+    deferred: dict[str, int] = field(default_factory=dict)
+    """Input not acted on that honest peers send too, by reason: ring edits relayed by another peer than
+    their owner (taken when the owner's own ring comes), votes relayed by another voter, space requests
+    throttled."""
 
     @property
     def unreachable_percent(self) -> float:

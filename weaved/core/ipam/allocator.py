@@ -34,13 +34,20 @@ Messages (msgpack ``[kind, body, incarnation]``; kinds are append-only; the inca
 run of the sender): ``RING`` (the whole ring state, to one peer or to all), ``PAXOS`` (seeding votes),
 ``SPACE_REQUEST`` (no body), ``SPACE_DENIED`` (our ring), ``LEFT_RING`` (a ring from a run that left:
 never pick it as heir).
+
+**Whom we trust.** The sender of a message is the mesh's authenticated relay source (``src`` of
+:meth:`Allocator.receive`), never a name in the body: votes are taken only from their voter, and space
+goes only to ``src`` when the mesh reaches it, once per :data:`GRANT_INTERVAL`. Rings are joined whole,
+whoever relayed them (gossip relies on second-hand news; nothing is signed), refused only when they break
+an invariant, jump a version too far or are too large (:meth:`Ring.merge`). What a member can still do
+is in docs/ipam.md §9.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +82,17 @@ MAX_CONTAINER_ID = 256
 MAX_IFNAME = 16
 INCARNATION_BITS = 62
 """Random per run: two runs of one peer share one with odds of 2**-62."""
+GRANT_INTERVAL = 10.0
+"""A donor grants space to one requester at most once per this many seconds. Each grant is up to half the
+donor's free space: without a bound, a member asking again and again would drain it in a few dozen round
+trips. An honest peer rarely asks the same donor twice so soon (a first grant is large), and when it
+does, the no sends it to another donor for :data:`SPACE_REQUEST_TIMEOUT`."""
+MAX_REMOTE_PEERS = 4_096
+"""Bound on the tables keyed by peer names that come from the network (runs heard, grants made): above
+it, entries of peers the mesh does not reach are forgotten (they matter only for reachable peers)."""
+MAX_RUNS_PER_PEER = 4
+"""Incarnations per peer remembered as having left (the latest ones): enough to tell a restarted
+leaver from a late message of an older run."""
 
 
 class MsgKind(IntEnum):
@@ -157,6 +175,8 @@ class IpamStatus:
     pending: int
     owners: tuple[OwnerStatus, ...]
     rejected: dict[str, int]
+    deferred: dict[str, int] = field(default_factory=dict)
+    """Input not acted on that honest peers may send too (throttled requests, votes relayed second-hand)."""
 
 
 @dataclass
@@ -200,13 +220,21 @@ class Allocator:
         self.incarnation = rng.getrandbits(INCARNATION_BITS)
         """This run of the peer: a restarted peer is a new incarnation, one that may have left or not.
         Every message carries it, so that a peer that left and came back is no leaver any more."""
-        self._left_incarnations: dict[PeerName, set[int]] = {}
-        """Per peer, the incarnations that sent ``LEFT_RING``: those runs left for good. Memory only."""
+        self._left_incarnations: dict[PeerName, list[int]] = {}
+        """Per peer, the incarnations that sent ``LEFT_RING`` (the last :data:`MAX_RUNS_PER_PEER`): those
+        runs left for good. Memory only."""
         self._latest_incarnation: dict[PeerName, int] = {}
         """Per peer, the incarnation of the last message it sent us."""
+        self._granted: dict[PeerName, float] = {}
+        """Requesters we granted space to, and when (:data:`GRANT_INTERVAL`)."""
         self._next_gossip: float | None = None
         self.dirty = False
         self.rejected: Counter[str] = Counter()
+        """Messages (or parts) refused, by reason: what an honest peer does not send."""
+        self.deferred: Counter[str] = Counter()
+        """What we did not act on although an honest peer may send it (a request throttled by
+        :data:`GRANT_INTERVAL`, a request from a peer the mesh does not reach); the seeder's are in
+        ``seeder.deferred``."""
         if snapshot is not None:
             self._restore(snapshot)
 
@@ -415,7 +443,7 @@ class Allocator:
                     self._denied[src] = now + SPACE_REQUEST_TIMEOUT
                     self._serve(now)
             elif kind is MsgKind.PAXOS:
-                self._receive_paxos(decode_paxos(body), now)
+                self._receive_paxos(decode_paxos(body), now, src)
                 self._note_run(src, kind, incarnation)
             elif kind is MsgKind.SPACE_REQUEST:
                 self._note_run(src, kind, incarnation)
@@ -429,7 +457,14 @@ class Allocator:
             return
         self._latest_incarnation[src] = incarnation
         if kind is MsgKind.LEFT_RING:
-            self._left_incarnations.setdefault(src, set()).add(incarnation)
+            runs = self._left_incarnations.setdefault(src, [])
+            if incarnation not in runs:
+                runs.append(incarnation)
+                del runs[:-MAX_RUNS_PER_PEER]
+        if len(self._latest_incarnation) > MAX_REMOTE_PEERS or len(self._left_incarnations) > MAX_REMOTE_PEERS:
+            keep = self._reachable | {src}
+            self._latest_incarnation = {p: i for p, i in self._latest_incarnation.items() if p in keep}
+            self._left_incarnations = {p: i for p, i in self._left_incarnations.items() if p in keep}
 
     def handle_timer(self, now: float) -> None:
         self._schedule_gossip(now)
@@ -506,6 +541,7 @@ class Allocator:
             state=self._state_text(), range=self._range_text(), owned=owned.get(self.own, 0),
             free=self.space.free_count(), leases=len(self._leases), pending=len(self._pending), owners=owners,
             rejected={**self.rejected, **{f"ring-{k}": v for k, v in self.ring.rejected.items()}},
+            deferred={**self.deferred, **{f"paxos-{k}": v for k, v in self.seeder.deferred.items()}},
         )
 
     # --- internals --------------------------------------------------------------------------------
@@ -569,6 +605,8 @@ class Allocator:
             self._send(dst, MsgKind.PAXOS, encode_paxos(paxos))
 
     def _merge_ring(self, remote: RingState, now: float, src: PeerName | None = None) -> None:
+        """Merge a remote ring (refusals are counted by :meth:`Ring.merge`). ``src`` is the peer whose
+        ring may answer our space request (None for a no, or our own agreed seed ring)."""
         owned_before = self.ring.state.owned_count(self.own)
         result = self.ring.merge(remote)
         gained = src is not None and result.ours_changed and self.ring.state.owned_count(self.own) > owned_before
@@ -588,8 +626,8 @@ class Allocator:
                 for start, version in departure.handed.items()
             )
 
-    def _receive_paxos(self, paxos: PaxosState, now: float) -> None:
-        if self.seeder.receive(paxos, now):
+    def _receive_paxos(self, paxos: PaxosState, now: float, src: PeerName) -> None:
+        if self.seeder.receive(paxos, now, src):
             self.dirty = True  # votes must be on disk before anyone hears them
             self._send_paxos(None)
         self._after_seeding(now)
@@ -662,6 +700,10 @@ class Allocator:
                 self._send(donor, MsgKind.SPACE_REQUEST, None)
 
     def _donate(self, to: PeerName, now: float) -> None:
+        """A space request from ``to``: the authenticated sender of the message, never a name it carries.
+
+        Granted only to a peer the mesh reaches (a name nobody routes to is invented, or gone), at most once
+        per :data:`GRANT_INTERVAL` per requester, and at most half our free space (``Space.donation``)."""
         if not self.ring.seeded or self.ring.removed:
             return
         if to in self.ring.state.removed:
@@ -669,16 +711,35 @@ class Allocator:
             # its removed name. Never grant to it (the ring would refuse anyway); count it for the status.
             self.rejected["request-from-removed-peer"] += 1
             return
-        block = self.space.donation()
-        if block is None or self._pending:
-            self._report_free()  # our true free count travels with the no, so we are not asked at once again
-            self._send(to, MsgKind.SPACE_DENIED, encode_ring(self.ring.state))
+        if to not in self._reachable:
+            # Invented, or a peer that went down with its request in flight: either way, nobody to grant to.
+            self.deferred["request-from-unreachable-peer"] += 1
             return
-        self.ring.grant(block[0], block[1], to)
+        if len(self._granted) > MAX_REMOTE_PEERS:
+            self._granted = {p: t for p, t in self._granted.items() if p in self._reachable}
+        last = self._granted.get(to)
+        throttled = last is not None and now < last + GRANT_INTERVAL
+        if throttled:
+            self.deferred["request-throttled"] += 1
+        block = self.space.donation()
+        if block is None or self._pending or throttled:
+            self._deny(to)
+            return
+        try:
+            self.ring.grant(block[0], block[1], to)
+        except RingError as err:  # the ring would grow past its bound: keep our space
+            self.rejected[f"grant-{err.reason}"] += 1
+            self._deny(to)
+            return
+        self._granted[to] = now
         self._ring_changed(now, broadcast=False)
         self._report_free()
         self._send(to, MsgKind.RING, encode_ring(self.ring.state))
         self._send_ring(None)
+
+    def _deny(self, to: PeerName) -> None:
+        self._report_free()  # our true free count travels with the no, so we are not asked at once again
+        self._send(to, MsgKind.SPACE_DENIED, encode_ring(self.ring.state))
 
     def _expire(self, now: float) -> None:
         expired = [p for p in self._pending if now >= p.deadline]

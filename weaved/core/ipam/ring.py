@@ -33,7 +33,10 @@ Local versus remote
 Local mutators check their preconditions (raising :class:`RingError`, the caller asked for something
 illegal) and then *assert* the invariants: a violation there is our bug. Remote state is never
 trusted: :meth:`Ring.merge` validates it and raises :class:`RingError` with a stable ``reason``,
-counts the rejection, and leaves our state untouched.
+counts the rejection, and leaves our state untouched. It takes every token at its higher version, whoever
+relayed it (nothing is signed, so a relayed edit cannot be told from a forged one, and refusing relayed
+edits breaks the no-duplicate guarantee after crashes: docs/ipam.md §9). What it does refuse of a member:
+version jumps beyond :data:`MAX_VERSION_STEP` and rings over the size bounds (:func:`check_size`).
 
 Nothing here does I/O, reads a clock or draws global randomness; :meth:`Ring.pick_donor` takes an
 injected generator.
@@ -68,6 +71,20 @@ MAX_NAMES = 4_096
 MAX_VERSION = (1 << 63) - 1
 MAX_ENCODED = 4 << 20
 """Bound on an encoded ring in bytes (65,536 tokens fit in well under 2 MiB)."""
+MAX_RING_BYTES = 60_000
+"""Bound on an encoded ring that we hold, accept or produce: it must fit one IPAM message (the mesh carries
+at most 65,000 bytes in one control datagram). A ring of honest peers stays far below it: about 28 bytes
+per token, a few tokens per peer (``tests/unit/test_ipam_ring.py`` measures 64 peers after donations).
+Without it a member could split its own range into thousands of tokens and make every ring too large
+to send."""
+MAX_TOKENS_PER_OWNER = 512
+"""Bound on the tokens one owner holds in a ring we accept: one member cannot spend the whole
+:data:`MAX_RING_BYTES` alone."""
+MAX_VERSION_STEP = 1 << 32
+"""How far a remote token's version may run ahead of ours (or, for a token new to us, above 1) in one
+merge. Honest peers bump by one per edit (heirs by :data:`INHERIT_VERSION_JUMP`); a jump of 2**32 is a
+forgery meant to outvote the owner's next edits for ever, or to push the version to its ceiling so that
+the next owner cannot edit the token any more."""
 INHERIT_VERSION_JUMP = 1 << 20
 """How far an heir bumps a dead peer's token when taking it over. The dead peer may have bumped its
 free counts a few more times in messages still in flight; jumping past them makes those stale reports
@@ -412,6 +429,18 @@ def seeded_state(address_range: AddressRange, names: Sequence[PeerName]) -> Ring
     return state
 
 
+def check_size(state: RingState) -> None:
+    """Raise :class:`RingError` (``too-large``) when ``state`` breaks :data:`MAX_TOKENS_PER_OWNER` or
+    :data:`MAX_RING_BYTES`: such a ring is refused whole, and a local change that would make one is
+    refused (a donation is then denied)."""
+    per_owner = Counter(t.owner for t in state.tokens)
+    if per_owner:
+        owner, count = per_owner.most_common(1)[0]
+        _need(count <= MAX_TOKENS_PER_OWNER, "too-large", f"{owner} holds {count} tokens")
+    size = len(ring_to_bytes(state))
+    _need(size <= MAX_RING_BYTES, "too-large", f"{size} bytes")
+
+
 def _resized(token: Token, size: int) -> Token:
     """The token after its range shrank to ``size``: free clipped, version bumped if that changed it."""
     if token.free <= size:
@@ -552,7 +581,9 @@ class Ring:
             replace(t, free=state.token_size(i)) if t.owner == to and start <= t.start < end else t
             for i, t in enumerate(state.tokens)
         )
-        self._commit(RingState(rng, self.state.seeded_by, sized, self.state.removed))
+        result = RingState(rng, self.state.seeded_by, sized, self.state.removed)
+        check_size(result)  # others would refuse the ring whole
+        self._commit(result)
 
     def _split(self, tokens: list[Token], point: int) -> list[Token]:
         """Ensure a token at ``point``, cutting the (our) token whose range holds it."""
@@ -596,6 +627,10 @@ class Ring:
         _need(valid_peer_name(dead), "bad-name", repr(dead))
         _need(dead != self.own, "self", "a peer cannot rmpeer itself; use leave")
         if dead in self.state.removed and not (adopt_orphans and self.state.orphaned):
+            return ()
+        if dead not in self.state.owners():
+            # Nothing to remove: a tombstone of a name that owns nothing here would only grow the ring
+            # (reclaiming nodes that left, which own nothing, would otherwise fill it over the years).
             return ()
         _need(len(self.state.removed) < MAX_NAMES, "too-large", "removed set")
         tombstoned = RingState(self.range, self.state.seeded_by, self.state.tokens, self.state.removed | {dead})
@@ -641,6 +676,19 @@ class Ring:
 
     # -- remote state -------------------------------------------------------------------------------
 
+    def _check_steps(self, remote: RingState) -> None:
+        """Raise :class:`RingError` (``version-jump``, the whole state refused) if a token of ``remote``
+        runs more than :data:`MAX_VERSION_STEP` ahead of ours (of 0 for a token new to us).
+
+        The check is per token against what we hold, and honest histories never trip it: edits bump by
+        one, an inheritance by :data:`INHERIT_VERSION_JUMP`. Every ring that carries such a jump was
+        refused by every honest peer it reached first, so no honest relay spreads one.
+        """
+        for theirs in remote.tokens:
+            mine = self.state.token_at(theirs.start)
+            step = theirs.version - (mine.version if mine is not None else 0)
+            _need(step <= MAX_VERSION_STEP, "version-jump", f"token {_ip(theirs.start)} v{theirs.version}")
+
     def check_remote(self, remote: RingState) -> None:
         """Raise :class:`RingError` if ``remote`` breaks an invariant or conflicts with what only we can
         know: our own tokens and the insides of our ranges."""
@@ -664,11 +712,20 @@ class Ring:
     def merge(self, remote: RingState) -> MergeResult:
         """Join ``remote`` into our state, then take over anything we have become heir of.
 
+        Every token is taken at its higher version, whoever relayed it: IPAM gossip relies on second-hand
+        propagation (a ring carries everything its sender heard), and taking an edit only from its author
+        would leave a view behind for ever when the author dies before its broadcast reached everyone,
+        which rmpeer then turns into two owners (docs/ipam.md §9). Refused whole: states that break an
+        invariant, conflict with our own tokens (:meth:`check_remote`), jump a version by more than
+        :data:`MAX_VERSION_STEP` (:meth:`_check_steps`), or whose join is too large (:func:`check_size`).
+
         On :class:`RingError` the rejection is counted under its reason and our state is untouched.
         """
         try:
             self.check_remote(remote)
+            self._check_steps(remote)
             joined = self.state.join(remote)
+            check_size(joined)
         except RingError as err:
             self.rejected[err.reason] += 1
             raise

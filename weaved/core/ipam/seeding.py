@@ -286,6 +286,8 @@ class Seeder:
         self._deadline: float | None = None
         self._attempts = 0
         self.rejected: dict[str, int] = {}
+        self.deferred: dict[str, int] = {}
+        """Votes not taken because they were relayed by another peer than their voter (see :meth:`receive`)."""
         if isinstance(mode, SeedInit):
             self._ready(mode.names)
         elif isinstance(mode, ConsensusInit):
@@ -336,15 +338,27 @@ class Seeder:
             self._await(now)
             self._step(now)
 
-    def receive(self, remote: PaxosState, now: float) -> bool:
+    def receive(self, remote: PaxosState, now: float, src: PeerName | None = None) -> bool:
         """Join gossiped votes; returns whether our votes changed. Raises :class:`SeedingError` (counted,
         state untouched) for invalid or conflicting state. Ignored unless we take part in consensus.
+
+        With ``src`` (the authenticated sender) only ``src``'s own vote is taken: a vote names its voter,
+        and a member that could speak for others could invent a quorum, or outvote an acceptor's promise,
+        and make two parts of the cluster decide on different initial rings. Every voter broadcasts its
+        vote when it changes, and proposers retry, so first-hand votes suffice; the others are counted in
+        :attr:`deferred`. Without ``src`` (tests of the protocol, a restored snapshot) every vote is joined.
 
         A remote copy of *our own* vote at a higher version is adopted: it is what we said before a
         restart, and honouring it is the best we can do (persisting votes makes that case moot).
         """
         if not isinstance(self.mode, ConsensusInit):
             return False
+        if src is not None:
+            others = len(remote.votes) - (1 if remote.vote(src) is not None else 0)
+            if others:
+                self.deferred["not-from-voter"] = self.deferred.get("not-from-voter", 0) + others
+            own_vote = remote.vote(src)
+            remote = PaxosState.of(remote.range, {src: own_vote} if own_vote is not None and src != self.own else {})
         try:
             remote.validate()
             joined = PaxosState.of(self.range, self._votes).join(remote)
