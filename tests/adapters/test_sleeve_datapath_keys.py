@@ -39,7 +39,8 @@ class FakeLoop:
 class FakePeer:
     def __init__(self) -> None:
         entries = {OWN: SimpleNamespace(short_id=1), NEAR: SimpleNamespace(short_id=2)}
-        self.topology = SimpleNamespace(generation=1, entries=entries, next_hops=lambda: {NEAR: NEAR})
+        self.topology = SimpleNamespace(generation=1, entries=entries, next_hops=lambda: {NEAR: NEAR},
+                                        short_ids=lambda: {OWN: 1, NEAR: 2})
         self.identity = SimpleNamespace(name=OWN)
         self.encrypted = True
         self.keys: dict[Any, PeerSleeveKeys] = {}
