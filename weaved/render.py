@@ -104,6 +104,9 @@ def datapath_rows(report: DatapathReport) -> list[tuple[str, str]]:
                           f"{c.get('rx_superpackets', 0)} in {c.get('rx_chunks', 0)} chunks, "
                           f"{c.get('rx_partial_runs', 0)} incomplete-frame runs, "
                           f"{c.get('tx_segmented', 0)} segmented for plain peers"),
+        ("Encryption", (f"{report.sealed_peers} of {report.peers} neighbours sealed (AES-256-GCM), "
+                        f"{c.get('tx_sealed', 0)} datagrams sealed, {c.get('rx_sealed', 0)} opened")
+         if report.encrypted else "none"),
         ("Dropped", ", ".join(f"{k} {v}" for k, v in drops.items()) or "0"),
     ]
 

@@ -97,6 +97,15 @@ def test_report_round_trips_and_renders_drops_by_reason() -> None:
     assert "Service: datapath" not in render_status(empty_status(), "0.1.0")
 
 
+def test_the_datapath_block_says_how_many_neighbours_are_sealed() -> None:
+    import dataclasses
+    plain = render_status(empty_status(), "0.1.0", None, report())
+    assert "     Encryption: none" in plain
+    sealed = dataclasses.replace(report(tx_sealed=10, rx_sealed=7), encrypted=True, sealed_peers=2)
+    assert "2 of 2 neighbours sealed (AES-256-GCM), 10 datagrams sealed, 7 opened" in \
+        render_status(empty_status(), "0.1.0", None, sealed)
+
+
 def test_metrics_export_packets_bytes_and_drops() -> None:
     r = report(tx_packets=5, tx_bytes=500, rx_packets=4, relayed_packets=1, **{"drop_udp_bad-magic": 2})
     text = generate_latest(metrics_registry(empty_status, None, lambda: r)).decode()
