@@ -192,3 +192,21 @@ def test_garbage_in_every_kind_is_counted_never_raised() -> None:
     dropped = sum(v for k, v in p1.mesh.counters.items() if k.startswith("dropped_"))
     assert dropped >= 1900
 
+
+
+@pytest.mark.parametrize("who", ["dialler", "acceptor"])
+def test_a_restart_in_the_middle_of_a_handshake_still_ends_in_one_session(who: str) -> None:
+    """The INIT is in flight (100 ms links) when one side restarts: the answer finds a new incarnation that
+    never asked (dropped, counted), or the INIT finds one that never knew it; either way they handshake
+    again and converge."""
+    net = mesh(13, 0, LinkProfile(delay=0.1))
+    net.add_peer("p0")
+    net.add_peer("p1", [net.address_of(0)])
+    net.run_for(0.05)  # p1's INIT is on the wire
+    assert net.peers["p1"].mesh.counters["handshake_initiated"] == 1
+    victim = "p1" if who == "dialler" else "p0"
+    net.crash(victim)
+    net.restart(victim, [net.address_of(0)] if victim == "p1" else [])
+    net.run_until(net.converged, timeout=30)
+    p0 = net.peers["p0"].mesh
+    assert set(p0.sleeve_keys()) == {net.peers["p1"].mesh.identity.name}
