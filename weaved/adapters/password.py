@@ -23,6 +23,12 @@ class PasswordError(Exception):
     """The password cannot be read or is unusable; the message is one line for the operator."""
 
 
+def password_in_file(raw: bytes) -> bytes:
+    """What a password file holds as the password: its bytes without one trailing newline (``\\n`` or
+    ``\\r\\n``). The one rule for every reader (the daemon, the lab's expectation of who meets whom)."""
+    return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+
+
 def read_password(settings: Settings) -> tuple[bytes | None, str]:
     """The password and where it came from (for the start log line, which never shows the password)."""
     if settings.password is not None:
@@ -38,7 +44,7 @@ def read_password(settings: Settings) -> tuple[bytes | None, str]:
         raise PasswordError(f"password file {path} does not exist") from None
     except OSError as exc:
         raise PasswordError(f"cannot read password file {path}: {exc.strerror or exc}") from None
-    password = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+    password = password_in_file(raw)
     if not password.strip():
         raise PasswordError(f"password file {path} is empty")
     return password, f"file {path}"

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from weaved.adapters.password import password_in_file
 from weaved.lab import host
 from weaved.lab.plan import (
     BRIDGE,
@@ -201,8 +202,7 @@ def password_digests(state: LabState) -> dict[str, str | None]:
         except OSError:
             digests[node.name] = f"unreadable:{node.password_file}"
             continue
-        password = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
-        digests[node.name] = hashlib.sha256(password).hexdigest()
+        digests[node.name] = hashlib.sha256(password_in_file(raw)).hexdigest()
     return digests
 
 
