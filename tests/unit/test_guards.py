@@ -58,3 +58,13 @@ def test_the_broadcast_filter_is_bounded() -> None:
     for i in range(10_000):
         assert seen.first_time(ORIGIN, "ipam", i.to_bytes(4, "big"), 0.0)
     assert len(seen) <= 100
+
+
+def test_a_rate_gate_says_yes_once_per_interval_per_key_and_stays_bounded() -> None:
+    from weaved.core.guards import RateGate
+    gate = RateGate(limit=8)
+    assert gate.allow("a", 0.0, 1.0) and not gate.allow("a", 0.5, 1.0) and gate.allow("a", 1.0, 1.0)
+    assert gate.allow("b", 0.5, 1.0)  # keys are independent
+    for i in range(1000):
+        gate.allow(("flood", i), 2.0, 1.0)
+    assert len(gate) <= 8

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 UDP sources are forgeable, so a datagram that makes us answer can aim the answer at anyone we are
-connected to. Two defences, each with tables that stay bounded whatever arrives:
+connected to. Three defences, each with tables that stay bounded whatever arrives:
 
 * :class:`AnswerBudget`: gossip answers to one address (a digest for a summary, entries for a request,
   a push for a digest) are paid from credit that the address earns at :data:`ANSWER_RATIO` times the bytes
@@ -14,6 +14,8 @@ connected to. Two defences, each with tables that stay bounded whatever arrives:
 * :class:`BroadcastFilter`: a broadcast relay (``dst`` None) is handled once per (origin, payload hash)
   within :data:`BROADCAST_WINDOW` seconds; a replayed or looping broadcast dies at the first peer that
   has seen it. Broadcast payloads (IPAM ring state) are idempotent, so a dropped repeat loses nothing.
+* :class:`RateGate`: one reply (or log line) per key per interval, for what a single forged datagram can
+  trigger: the mesh's "unknown connection" rejects, the sealed transport's notices and refusal lines.
 """
 
 from __future__ import annotations
@@ -111,3 +113,30 @@ class BroadcastFilter:
         self._seen.pop(key, None)  # re-inserted at the end: the dict stays in order of last sighting
         self._seen[key] = now
         return True
+
+
+class RateGate:
+    """At most one "yes" per key per interval: for replies and log lines that a forged datagram can trigger
+    (so they neither amplify nor flood the log). Bounded: when ``limit`` keys are held, the ones past
+    their interval go, and if that is not enough, all of them (a flood then costs at most one extra yes
+    per key, never memory)."""
+
+    __slots__ = ("_last", "_limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._last: dict[object, float] = {}
+        self._limit = limit
+
+    def allow(self, key: object, now: float, interval: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < interval:
+            return False
+        if len(self._last) >= self._limit:
+            self._last = {k: t for k, t in self._last.items() if now - t < interval}
+            if len(self._last) >= self._limit:
+                self._last.clear()
+        self._last[key] = now
+        return True
+
+    def __len__(self) -> int:
+        return len(self._last)

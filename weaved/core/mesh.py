@@ -39,7 +39,7 @@ from weaved.core.events import (
     PeerRestarted,
     RelayDelivered,
 )
-from weaved.core.guards import AnswerBudget, BroadcastFilter
+from weaved.core.guards import AnswerBudget, BroadcastFilter, RateGate
 from weaved.core.routes import broadcast_children
 from weaved.core.seal import PeerSleeveKeys
 from weaved.core.secure import KINDS as SEALED_KINDS
@@ -146,7 +146,7 @@ class MeshPeer:
         self._reachable: dict[PeerName, PeerUID] = {}
         self._said_goodbye: set[PeerName] = set()
         self._connected_since: float | None = None
-        self._rate: dict[tuple[str, Endpoint], float] = {}
+        self._rate = RateGate()
         self._own_conflicts: dict[PeerUID, list[float]] = {}
         """Recent bumps forced by another incarnation of our name, by its UID (a live clone keeps going)."""
         """When we last went from no established connection to one (start of being 'settled')."""
@@ -382,16 +382,10 @@ class MeshPeer:
     def _rate_ok(self, key: tuple[str, Endpoint], now: float, interval: float) -> bool:
         """At most one answer per ``key`` per ``interval``: replies that a forged datagram can trigger
         must not turn us into an amplifier. The table is bounded; when full, old keys are dropped."""
-        last = self._rate.get(key)
-        if last is not None and now - last < interval:
-            self._drop("rate-limited")
-            return False
-        if len(self._rate) >= 4096:
-            self._rate = {k: t for k, t in self._rate.items() if now - t < interval}
-            if len(self._rate) >= 4096:
-                self._rate.clear()
-        self._rate[key] = now
-        return True
+        if self._rate.allow(key, now, interval):
+            return True
+        self._drop("rate-limited")
+        return False
 
     def _hello(self, conn: Connection) -> Hello:
         return Hello(PROTOCOL_MIN, PROTOCOL_MAX, self.identity.nickname, self.topology.own.short_id,

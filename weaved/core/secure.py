@@ -51,6 +51,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from weaved.core.events import AuthFailed
+from weaved.core.guards import RateGate
 from weaved.core.handshake import (
     Claim,
     Entropy,
@@ -216,7 +217,7 @@ class SecureTransport:
         self._by_index: dict[int, Session] = {}
         self._pending: dict[int, tuple[Link, Pending]] = {}
         self._stamps: dict[PeerName, int] = {}
-        self._said: dict[tuple[Endpoint, str], float] = {}
+        self._said = RateGate(MAX_LINKS)
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -303,7 +304,7 @@ class SecureTransport:
         session = self._by_index.get(index)
         if session is None:
             self._drop("no-session")
-            if self._gate((source, "no-session"), now, NOTICE_INTERVAL):
+            if self._said.allow((source, "no-session"), now, NOTICE_INTERVAL):
                 self._send(notice(Notice.NO_SESSION), source)
             return None
         if session.address != source:
@@ -418,23 +419,12 @@ class SecureTransport:
     def _refuse(self, source: Endpoint, why: str, code: Notice, now: float) -> None:
         """Tell the log (once a minute per address) and the other side (once a second) why we refuse."""
         self._report(source, why, now)
-        if self._gate((source, f"notice-{int(code)}"), now, NOTICE_INTERVAL):
+        if self._said.allow((source, f"notice-{int(code)}"), now, NOTICE_INTERVAL):
             self._send(notice(code), source)
 
     def _report(self, source: Endpoint, why: str, now: float) -> None:
-        if self._gate((source, why), now, LOG_INTERVAL):
+        if self._said.allow((source, why), now, LOG_INTERVAL):
             self._emit(AuthFailed(str(source), why))
-
-    def _gate(self, key: tuple[Endpoint, str], now: float, interval: float) -> bool:
-        last = self._said.get(key)
-        if last is not None and now - last < interval:
-            return False
-        if len(self._said) >= MAX_LINKS:
-            self._said = {k: t for k, t in self._said.items() if now - t < LOG_INTERVAL}
-            if len(self._said) >= MAX_LINKS:
-                self._said.clear()
-        self._said[key] = now
-        return True
 
     def _confirm(self, session: Session) -> None:
         session.confirmed = True
