@@ -210,3 +210,21 @@ def test_a_restart_in_the_middle_of_a_handshake_still_ends_in_one_session(who: s
     net.run_until(net.converged, timeout=30)
     p0 = net.peers["p0"].mesh
     assert set(p0.sleeve_keys()) == {net.peers["p1"].mesh.identity.name}
+
+
+def test_a_forged_answer_to_an_init_neither_stalls_the_handshake_nor_blames_the_password() -> None:
+    """The INIT's index travels in clear: a forger who sees it answers first, from the responder's address."""
+    from weaved.core.secure import RESPONSE_HEADER, Kind
+    net = mesh(14, 0, LinkProfile(delay=0.05))
+    p0 = net.add_peer("p0")
+    p1 = net.add_peer("p1", [net.address_of(0)])
+    net.run_for(0.01)
+    pending = next(iter(p1.mesh._transport._pending))  # type: ignore[union-attr]
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    ephemeral = X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().public_bytes_raw()
+    forged = RESPONSE_HEADER.pack(Kind.RESPONSE, 7, pending) + ephemeral + bytes(48)
+    p1.mesh.receive_datagram(forged, p0.address, net.now)
+    net.run_until(net.converged, timeout=10)
+    assert p1.mesh.counters["handshake_ok"] == 1 and p1.mesh.counters["handshake_retried"] == 0
+    assert p1.mesh.counters["dropped_auth"] == 1
+    assert not auth_failures(p1) and not auth_failures(p0)

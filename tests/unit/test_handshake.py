@@ -138,3 +138,14 @@ def test_key_material_never_shows_in_repr() -> None:
     init = Initiator(PSK, b"a", entropy().randbytes)
     _, _, keys = respond(PSK, init.message, lambda _: b"b", entropy(5).randbytes)
     assert keys.control_send.hex() not in repr(keys) and keys.sleeve_send.hex() not in repr(keys)
+
+
+def test_a_forged_answer_leaves_the_handshake_able_to_take_the_real_one() -> None:
+    init = Initiator(PSK, b"a", entropy(6).randbytes)
+    _, real, _ = respond(PSK, init.message, lambda _: b"b", entropy(7).randbytes)
+    forged = bytes(32) + bytes(range(40))
+    with pytest.raises(HandshakeError):
+        init.finish(forged)
+    with pytest.raises(HandshakeError):
+        init.finish(real[:32] + bytes(len(real) - 32))  # the real ephemeral, a broken seal
+    assert init.finish(real)[0] == b"b"

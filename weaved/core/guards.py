@@ -121,18 +121,22 @@ class RateGate:
     their interval go, and if that is not enough, all of them (a flood then costs at most one extra yes
     per key, never memory)."""
 
-    __slots__ = ("_last", "_limit")
+    __slots__ = ("_keep", "_last", "_limit")
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, limit: int = 4096, keep: float = 0.0) -> None:
+        """``keep``: the longest interval callers use, so that clearing room on a short interval's call never
+        forgets a long interval's keys (a once-a-minute log line would else repeat under a flood)."""
         self._last: dict[object, float] = {}
         self._limit = limit
+        self._keep = keep
 
     def allow(self, key: object, now: float, interval: float) -> bool:
         last = self._last.get(key)
         if last is not None and now - last < interval:
             return False
         if len(self._last) >= self._limit:
-            self._last = {k: t for k, t in self._last.items() if now - t < interval}
+            horizon = max(interval, self._keep)
+            self._last = {k: t for k, t in self._last.items() if now - t < horizon}
             if len(self._last) >= self._limit:
                 self._last.clear()
         self._last[key] = now

@@ -92,6 +92,11 @@ class _Symmetric:
         self.n = 0
         self.mix_hash(PROLOGUE)
 
+    def copy(self) -> _Symmetric:
+        twin = _Symmetric.__new__(_Symmetric)
+        twin.ck, twin.h, twin.k, twin.n = self.ck, self.h, self.k, self.n
+        return twin
+
     def mix_hash(self, data: bytes) -> None:
         self.h = hashlib.sha256(self.h + data).digest()
 
@@ -175,11 +180,12 @@ class Initiator:
         self.message = e_pub + self._sym.encrypt_and_hash(payload)
 
     def finish(self, message: bytes) -> tuple[bytes, SessionKeys]:
-        """The responder's payload and the session keys. Raises :class:`HandshakeError`."""
+        """The responder's payload and the session keys. Raises :class:`HandshakeError` and then stays as
+        it was: a forged answer (the INIT's index travels in clear) must not spoil the real one after it."""
         message = bytes(message)
         if len(message) < DH_SIZE + TAG_SIZE:
             raise HandshakeError("short")
-        sym = self._sym
+        sym = self._sym.copy()
         re = message[:DH_SIZE]
         sym.mix_hash(re)
         sym.mix_key(re)

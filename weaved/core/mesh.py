@@ -146,7 +146,7 @@ class MeshPeer:
         self._reachable: dict[PeerName, PeerUID] = {}
         self._said_goodbye: set[PeerName] = set()
         self._connected_since: float | None = None
-        self._rate = RateGate()
+        self._rate = RateGate(keep=60.0)
         self._own_conflicts: dict[PeerUID, list[float]] = {}
         """Recent bumps forced by another incarnation of our name, by its UID (a live clone keeps going)."""
         """When we last went from no established connection to one (start of being 'settled')."""
@@ -160,7 +160,7 @@ class MeshPeer:
         self._clock_base = (initial_version, now)
         """Versions start at wall-clock ms: our version then plus the time since is our clock in ms."""
         self._changed_since_settle: set[PeerName] = set()
-        self._budget_cap_cache = (-1, 0)
+        self._budget_cap_value = 0
 
     # --- adapter interface ------------------------------------------------------------------------
 
@@ -212,7 +212,7 @@ class MeshPeer:
         if self._rate_ok(("auth-log", source), now, 60.0):
             self._events.append(AuthFailed(str(source), "wrong or missing password (the peer has one, we none)"))
         if data[0] != SecureKind.NOTICE and self._rate_ok(("auth-notice", source), now, 1.0):
-            self._out.append((notice(Notice.NO_PASSWORD), source))
+            self._send_raw(notice(Notice.NO_PASSWORD), source)
 
     def handle_timer(self, now: float) -> None:
         self._now = now
@@ -499,12 +499,12 @@ class MeshPeer:
     def _budget_cap(self) -> int:
         """Most credit one address may hold: about two full pulls of our view (digest and every entry),
         measured at each settle."""
-        return self._budget_cap_cache[1] or 65_536
+        return self._budget_cap_value or 65_536
 
     def _measure_budget_cap(self) -> None:
         entries = self.topology.entries.values()
         pull = sum(self._sizes.size(e) + gossip.DIGEST_ITEM_SIZE for e in entries) + 1024
-        self._budget_cap_cache = (self.topology.generation, max(65_536, 2 * pull))
+        self._budget_cap_value = max(65_536, 2 * pull)
 
     def _grant_pull(self, conn: Connection, now: float) -> None:
         """A peer that proved it receives at its address (it echoed our token) may pull our whole view

@@ -217,7 +217,7 @@ class SecureTransport:
         self._by_index: dict[int, Session] = {}
         self._pending: dict[int, tuple[Link, Pending]] = {}
         self._stamps: dict[PeerName, int] = {}
-        self._said = RateGate(MAX_LINKS)
+        self._said = RateGate(MAX_LINKS, keep=LOG_INTERVAL)
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -379,7 +379,10 @@ class SecureTransport:
             if claim.index != their_index:
                 raise HandshakeError("bad-handshake", "index does not match its sealed copy")
         except HandshakeError as exc:
-            self._handshake_failed(exc, source, now)
+            # Not a password mismatch (a responder with another password cannot answer at all, it sends a
+            # NOTICE): a forged or damaged answer. Drop and count it; the real answer may still come.
+            self._drop(exc.reason)
+            self.counters[f"handshake_{exc.reason}"] += 1
             return
         del self._pending[our_index]
         link.pending = None
@@ -537,5 +540,3 @@ class SecureTransport:
     def trusted_subnets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return self._config.trusted_subnets
 
-    def sessions(self) -> int:
-        return len(self._by_index)

@@ -111,9 +111,6 @@ class Sealer:
                 receive_state[rkey] = self._receive[session.recv_id] = receive
         self._send_state, self._receive_state = send_state, receive_state
 
-    def seals_to(self, address: Address) -> bool:
-        return address in self._send
-
     def seal(self, address: Address, frame: bytes | bytearray | memoryview) -> bytes:
         """The sealed datagram of one plain ``frame`` (version 1 or 2) for the neighbour at ``address``.
         Raises :class:`FrameError` ``auth`` when we have no key for it (or its counter ran out)."""
